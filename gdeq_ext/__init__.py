@@ -1,0 +1,25 @@
+"""gdeq_ext: train interatomic potentials through structure relaxations at a fraction of the memory.
+
+A short differentiated window of relaxation steps picks the basin; an implicit (Hessian-solve) gradient
+at the relaxed structure gives precision. Fused C++/CUDA kernels compute neighbor lists, message passing,
+forces and Hessian-vector products; every kernel has a pure-PyTorch reference that is used, with one
+warning, when the extension is not built.
+"""
+
+from gdeq_ext._extension import HAVE_EXTENSION, ExtensionVersionError, build_info
+from gdeq_ext._version import __version__
+from gdeq_ext.data import Batch, BatchValidationError
+from gdeq_ext.neighbors import edge_vectors, edge_vectors_reference, neighbor_list, neighbor_list_reference
+
+__all__ = [
+    "HAVE_EXTENSION",
+    "Batch",
+    "BatchValidationError",
+    "ExtensionVersionError",
+    "__version__",
+    "build_info",
+    "edge_vectors",
+    "edge_vectors_reference",
+    "neighbor_list",
+    "neighbor_list_reference",
+]
