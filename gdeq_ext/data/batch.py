@@ -140,7 +140,9 @@ class Batch:
         pbc = self.pbc.cpu().numpy()
         out = []
         for s, (start, stop) in enumerate(self.ranges()):
-            atoms = Atoms(numbers=numbers[start:stop], positions=positions[start:stop], cell=cell[s], pbc=pbc[s])
+            atoms = Atoms(
+                numbers=numbers[start:stop], positions=positions[start:stop], cell=cell[s], pbc=pbc[s]
+            )
             atoms.set_masses(masses[start:stop])
             out.append(atoms)
         return out
@@ -201,7 +203,9 @@ class Batch:
         if n_systems == 0:
             raise BatchValidationError("a Batch needs at least one structure")
         if self.positions.dim() != 2 or self.positions.shape[1] != 3:
-            raise BatchValidationError(f"positions must have shape (n_atoms, 3), got {tuple(self.positions.shape)}")
+            raise BatchValidationError(
+                f"positions must have shape (n_atoms, 3), got {tuple(self.positions.shape)}"
+            )
         if not self.positions.is_floating_point():
             raise BatchValidationError(f"positions must be floating point, got {self.positions.dtype}")
         expected = {
@@ -253,7 +257,9 @@ class Batch:
         pbc = self.pbc.cpu()
         for s in range(cell.shape[0]):
             if not bool(torch.isfinite(cell[s]).all()):
-                raise BatchValidationError(f"structure {s}: the cell has non-finite entries {cell[s].tolist()}")
+                raise BatchValidationError(
+                    f"structure {s}: the cell has non-finite entries {cell[s].tolist()}"
+                )
             lengths = cell[s].norm(dim=1)
             for axis in range(3):
                 if bool(pbc[s, axis]) and float(lengths[axis]) == 0.0:

@@ -26,7 +26,7 @@ def complete_cell(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
         return torch.eye(3, dtype=cell.dtype, device=cell.device)
     # Orthonormal basis of the complement of the periodic span (via SVD of the periodic rows).
     _, _, vh = torch.linalg.svd(periodic, full_matrices=True)
-    complement = vh[periodic.shape[0]:]
+    complement = vh[periodic.shape[0] :]
     for row, axis in zip(complement, (~pbc).nonzero().flatten().tolist(), strict=True):
         cell[axis] = row
     if torch.linalg.det(cell) < 0:  # keep the completion right-handed; the sign does not matter otherwise
@@ -53,7 +53,9 @@ def _structure_pairs(
     n = positions.shape[0]
     device = positions.device
     if n == 0:
-        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(0, 3, dtype=torch.long, device=device)
+        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(
+            0, 3, dtype=torch.long, device=device
+        )
     lattice = complete_cell(cell, pbc)
     inverse = torch.linalg.inv(lattice)
     fractional = positions @ inverse
@@ -82,7 +84,9 @@ def _structure_pairs(
         j_all.append(j_sel)
         s_all.append(true_shift)
     if not i_all:
-        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(0, 3, dtype=torch.long, device=device)
+        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(
+            0, 3, dtype=torch.long, device=device
+        )
     i_cat, j_cat, s_cat = torch.cat(i_all), torch.cat(j_all), torch.cat(s_all)
     if not full:
         # A self-image pair (i, i, S) is the same pair as (i, i, -S): keep the one whose first
@@ -120,7 +124,7 @@ def neighbor_list_reference(
     edges, shifts = [], []
     start = 0
     for s, count in enumerate(n_atoms_per_system.tolist()):
-        e, sh = _structure_pairs(positions[start:start + count], cell[s], pbc[s], float(cutoff), full)
+        e, sh = _structure_pairs(positions[start : start + count], cell[s], pbc[s], float(cutoff), full)
         edges.append(e + start)
         shifts.append(sh)
         start += count
