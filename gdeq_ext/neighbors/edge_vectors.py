@@ -144,19 +144,20 @@ if HAVE_EXTENSION:
     )
 
     def _scatter_setup_context(ctx, inputs, output):
-        _, edge_index, shifts, system, _, _ = inputs
+        _, edge_index, shifts, system, n_atoms, n_systems = inputs
         ctx.save_for_backward(edge_index, shifts, system)
+        ctx.sizes = (n_atoms, n_systems)
 
     def _scatter_backward(ctx, grad_positions, grad_cell):
         # The adjoint of the scatter is the gather: a cotangent on (positions, cell) maps to edges.
         edge_index, shifts, system = ctx.saved_tensors
         if grad_positions is None and grad_cell is None:
             return None, None, None, None, None, None
-        n_systems = int(system.max()) + 1 if system.numel() else 0
+        n_atoms, n_systems = ctx.sizes
         if grad_positions is None:
-            grad_positions = grad_cell.new_zeros(system.shape[0], 3)
+            grad_positions = grad_cell.new_zeros(n_atoms, 3)
         if grad_cell is None:
-            grad_cell = grad_positions.new_zeros(max(n_systems, 1), 3, 3)
+            grad_cell = grad_positions.new_zeros(n_systems, 3, 3)
         vectors, _ = torch.ops.gdeq_ext.edge_vectors(grad_positions, grad_cell, edge_index, shifts, system)
         return vectors, None, None, None, None, None
 
