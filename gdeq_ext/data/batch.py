@@ -59,7 +59,10 @@ class Batch:
         """Build a batch from packed tensors; ``masses`` default to ASE's atomic masses (amu)."""
         device = positions.device
         n_atoms_per_system = torch.as_tensor(n_atoms_per_system, dtype=torch.int64, device=device)
-        numbers = torch.as_tensor(numbers, dtype=torch.int64, device=device)
+        # Tensors keep their device (validate() then names a mismatch); sequences go to positions' device.
+        numbers = torch.as_tensor(
+            numbers, dtype=torch.int64, device=numbers.device if isinstance(numbers, torch.Tensor) else device
+        )
         if masses is None:
             from ase.data import atomic_masses
 
@@ -75,8 +78,8 @@ class Batch:
             numbers=numbers,
             masses=masses,
             system=system,
-            cell=torch.as_tensor(cell, device=device),
-            pbc=torch.as_tensor(pbc, dtype=torch.bool, device=device),
+            cell=cell if isinstance(cell, torch.Tensor) else torch.as_tensor(cell, device=device),
+            pbc=torch.as_tensor(pbc, dtype=torch.bool, device=pbc.device if isinstance(pbc, torch.Tensor) else device),
             n_atoms_per_system=n_atoms_per_system,
         )
         if validate:
@@ -208,6 +211,12 @@ class Batch:
             )
         if not self.positions.is_floating_point():
             raise BatchValidationError(f"positions must be floating point, got {self.positions.dtype}")
+        if int(self.n_atoms_per_system.sum()) != n_atoms:
+            raise BatchValidationError(
+                f"n_atoms_per_system sums to {int(self.n_atoms_per_system.sum())} but there are {n_atoms} atoms"
+            )
+        if bool((self.n_atoms_per_system < 0).any()):
+            raise BatchValidationError("n_atoms_per_system must be non-negative")
         expected = {
             "numbers": (n_atoms,),
             "masses": (n_atoms,),
@@ -228,12 +237,6 @@ class Batch:
                 raise BatchValidationError(
                     f"{name} has dtype {getattr(self, name).dtype} but positions have {self.positions.dtype}"
                 )
-        if int(self.n_atoms_per_system.sum()) != n_atoms:
-            raise BatchValidationError(
-                f"n_atoms_per_system sums to {int(self.n_atoms_per_system.sum())} but there are {n_atoms} atoms"
-            )
-        if bool((self.n_atoms_per_system < 0).any()):
-            raise BatchValidationError("n_atoms_per_system must be non-negative")
 
         bad_atoms = (~torch.isfinite(self.positions)).any(dim=1).nonzero().flatten()
         if bad_atoms.numel():

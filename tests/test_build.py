@@ -1,0 +1,90 @@
+"""What was built, the import-time torch version check, and the pure-PyTorch fallback without a build."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gdeq_ext
+
+PACKAGE = Path(gdeq_ext.__file__).parent
+
+
+def test_build_info_reports_the_build():
+    info = gdeq_ext.build_info()
+    assert info["installed_torch"] == torch.__version__
+    assert isinstance(info["compiled"], bool)
+    if info["compiled"]:
+        assert info["torch_version"] == torch.__version__
+        assert info["compiled_torch_version"] == torch.__version__
+        assert info["with_cuda"] == info["cuda_kernels"]
+
+
+@pytest.mark.skipif(os.environ.get("GDEQ_EXT_REQUIRE_COMPILED") != "1", reason="GDEQ_EXT_REQUIRE_COMPILED not set")
+def test_ci_build_is_compiled_with_the_requested_kernels():
+    """CI sets GDEQ_EXT_REQUIRE_COMPILED=1: the tests must run against the compiled kernels, never the fallback."""
+    info = gdeq_ext.build_info()
+    assert info["compiled"], info.get("reason")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("gdeq_ext::edge_vectors", "CPU")
+    if os.environ.get("GDEQ_EXT_WITH_CUDA") == "1":
+        assert info["with_cuda"]
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("gdeq_ext::edge_vectors", "CUDA")
+
+
+def copy_python_sources(destination: Path) -> Path:
+    """The package's Python files without the compiled extension or its build record."""
+    target = destination / "gdeq_ext"
+    shutil.copytree(
+        PACKAGE, target, ignore=shutil.ignore_patterns("*.so", "_build_config.py", "__pycache__", "*.pyc")
+    )
+    return target
+
+
+def run_python(code: str, path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(path)}
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=path, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_missing_extension_falls_back_with_one_warning(tmp_path):
+    copy_python_sources(tmp_path)
+    code = """
+import warnings, torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import gdeq_ext
+    assert not gdeq_ext.HAVE_EXTENSION
+    positions = torch.tensor([[0.0, 0, 0], [1.0, 0, 0]], dtype=torch.float64, requires_grad=True)
+    cell = torch.eye(3, dtype=torch.float64)[None] * 5
+    edges = torch.tensor([[0, 1], [1, 0]])
+    shifts = torch.tensor([[0, 0, 0], [1, 0, 0]])
+    system = torch.zeros(2, dtype=torch.long)
+    for _ in range(3):
+        vectors, distances = gdeq_ext.edge_vectors(positions, cell, edges, shifts, system)
+    assert distances.tolist() == [1.0, 4.0], distances
+    distances.sum().backward()
+ours = [w for w in caught if "gdeq_ext" in str(w.message)]
+assert len(ours) == 1, [str(w.message) for w in ours]
+print(ours[0].message)
+"""
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "pure-PyTorch reference" in result.stdout
+    assert "pip install --no-build-isolation" in result.stdout
+
+
+def test_torch_version_mismatch_names_both_versions(tmp_path):
+    target = copy_python_sources(tmp_path)
+    (target / "_build_config.py").write_text("BUILD_CONFIG = {'torch_version': '1.0.0+fake'}\n")
+    result = run_python("import gdeq_ext", tmp_path)
+    assert result.returncode != 0
+    assert "ExtensionVersionError" in result.stderr
+    assert "1.0.0+fake" in result.stderr and torch.__version__ in result.stderr
+    assert "pip install --no-build-isolation" in result.stderr

@@ -1,0 +1,24 @@
+"""The README's example runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def examples() -> list[str]:
+    return re.findall(r"<!-- example -->\s*```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_readme_has_an_example():
+    assert examples(), "README.md has no python block marked <!-- example -->"
+
+
+@pytest.mark.parametrize("index", range(len(examples())))
+def test_readme_example_runs(index, capsys):
+    exec(compile(examples()[index], f"README.md example {index}", "exec"), {"__name__": "__readme__"})
+    assert capsys.readouterr().out.strip()
