@@ -40,17 +40,13 @@ def test_ci_build_is_compiled_with_the_requested_kernels():
 def copy_python_sources(destination: Path) -> Path:
     """The package's Python files without the compiled extension or its build record."""
     target = destination / "gdeq_ext"
-    shutil.copytree(
-        PACKAGE, target, ignore=shutil.ignore_patterns("*.so", "_build_config.py", "__pycache__", "*.pyc")
-    )
+    shutil.copytree(PACKAGE, target, ignore=shutil.ignore_patterns("*.so", "_build_config.py", "__pycache__", "*.pyc"))
     return target
 
 
 def run_python(code: str, path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(path)}
-    return subprocess.run(
-        [sys.executable, "-c", code], cwd=path, env=env, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-c", code], cwd=path, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_missing_extension_falls_back_with_one_warning(tmp_path):

@@ -70,9 +70,7 @@ class Batch:
             if numbers.numel() and (int(numbers.min()) < 0 or int(numbers.max()) >= len(table)):
                 raise BatchValidationError(f"atomic numbers must lie in [0, {len(table) - 1}]")
             masses = table[numbers]
-        system = torch.repeat_interleave(
-            torch.arange(len(n_atoms_per_system), device=device), n_atoms_per_system
-        )
+        system = torch.repeat_interleave(torch.arange(len(n_atoms_per_system), device=device), n_atoms_per_system)
         batch = cls(
             positions=positions,
             numbers=numbers,
@@ -106,9 +104,7 @@ class Batch:
             raise BatchValidationError("cannot build a Batch from an empty list of structures")
         for index, atoms in enumerate(atoms_list):
             if not isinstance(atoms, Atoms):
-                raise BatchValidationError(
-                    f"structure {index}: expected ase.Atoms, got {type(atoms).__name__}"
-                )
+                raise BatchValidationError(f"structure {index}: expected ase.Atoms, got {type(atoms).__name__}")
         dtype = dtype or torch.get_default_dtype()
 
         def cat(arrays, shape_tail):
@@ -143,9 +139,7 @@ class Batch:
         pbc = self.pbc.cpu().numpy()
         out = []
         for s, (start, stop) in enumerate(self.ranges()):
-            atoms = Atoms(
-                numbers=numbers[start:stop], positions=positions[start:stop], cell=cell[s], pbc=pbc[s]
-            )
+            atoms = Atoms(numbers=numbers[start:stop], positions=positions[start:stop], cell=cell[s], pbc=pbc[s])
             atoms.set_masses(masses[start:stop])
             out.append(atoms)
         return out
@@ -206,9 +200,7 @@ class Batch:
         if n_systems == 0:
             raise BatchValidationError("a Batch needs at least one structure")
         if self.positions.dim() != 2 or self.positions.shape[1] != 3:
-            raise BatchValidationError(
-                f"positions must have shape (n_atoms, 3), got {tuple(self.positions.shape)}"
-            )
+            raise BatchValidationError(f"positions must have shape (n_atoms, 3), got {tuple(self.positions.shape)}")
         if not self.positions.is_floating_point():
             raise BatchValidationError(f"positions must be floating point, got {self.positions.dtype}")
         if int(self.n_atoms_per_system.sum()) != n_atoms:
@@ -229,9 +221,7 @@ class Batch:
             if tuple(value.shape) != shape:
                 raise BatchValidationError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
             if value.device != self.positions.device:
-                raise BatchValidationError(
-                    f"{name} is on {value.device} but positions are on {self.positions.device}"
-                )
+                raise BatchValidationError(f"{name} is on {value.device} but positions are on {self.positions.device}")
         for name in ("masses", "cell"):
             if getattr(self, name).dtype != self.positions.dtype:
                 raise BatchValidationError(
@@ -260,15 +250,11 @@ class Batch:
         pbc = self.pbc.cpu()
         for s in range(cell.shape[0]):
             if not bool(torch.isfinite(cell[s]).all()):
-                raise BatchValidationError(
-                    f"structure {s}: the cell has non-finite entries {cell[s].tolist()}"
-                )
+                raise BatchValidationError(f"structure {s}: the cell has non-finite entries {cell[s].tolist()}")
             lengths = cell[s].norm(dim=1)
             for axis in range(3):
                 if bool(pbc[s, axis]) and float(lengths[axis]) == 0.0:
-                    raise BatchValidationError(
-                        f"structure {s}: axis {axis} is periodic but its lattice vector is zero"
-                    )
+                    raise BatchValidationError(f"structure {s}: axis {axis} is periodic but its lattice vector is zero")
             periodic = cell[s][pbc[s]]
             if periodic.shape[0] >= 2:
                 gram = periodic @ periodic.T

@@ -102,9 +102,7 @@ def edge_vectors_scatter(
     (n_systems, 3, 3) with ``S_ij ⊗ g`` summed over the edges of each structure.
     """
     if has_kernel("edge_vectors_backward", grad_vectors.device):
-        return torch.ops.gdeq_ext.edge_vectors_backward(
-            grad_vectors, edge_index, shifts, system, n_atoms, n_systems
-        )
+        return torch.ops.gdeq_ext.edge_vectors_backward(grad_vectors, edge_index, shifts, system, n_atoms, n_systems)
     warn_fallback("edge_vectors_backward")
     return _scatter_reference(grad_vectors, edge_index, shifts, system, n_atoms, n_systems)
 
