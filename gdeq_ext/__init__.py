@@ -9,17 +9,27 @@ warning, when the extension is not built.
 from gdeq_ext._extension import HAVE_EXTENSION, ExtensionVersionError, build_info
 from gdeq_ext._version import __version__
 from gdeq_ext.data import Batch, BatchValidationError
+from gdeq_ext.loss import delta_q
 from gdeq_ext.neighbors import edge_vectors, edge_vectors_reference, neighbor_list, neighbor_list_reference
+from gdeq_ext.potentials import MLIP, StillingerWeber
+from gdeq_ext.relax import BPTTRelax, HybridRelax, ImplicitRelax, RelaxResult
 
 __all__ = [
     "HAVE_EXTENSION",
+    "MLIP",
     "Batch",
     "BatchValidationError",
     "ExtensionVersionError",
+    "StillingerWeber",
     "__version__",
     "build_info",
     "edge_vectors",
     "edge_vectors_reference",
     "neighbor_list",
     "neighbor_list_reference",
+    "BPTTRelax",
+    "HybridRelax",
+    "ImplicitRelax",
+    "RelaxResult",
+    "delta_q",
 ]

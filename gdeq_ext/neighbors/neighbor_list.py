@@ -46,9 +46,7 @@ def neighbor_list(
     if not (math.isfinite(cutoff) and cutoff > 0):
         raise ValueError(f"cutoff must be positive and finite, got {cutoff}")
     with torch.no_grad():
-        edge_index, shifts = neighbor_list_reference(
-            positions.detach(), cell.detach(), pbc, counts, cutoff, full
-        )
+        edge_index, shifts = neighbor_list_reference(positions.detach(), cell.detach(), pbc, counts, cutoff, full)
     if not return_vectors:
         return edge_index, shifts
     vectors, distances = edge_vectors(positions, cell, edge_index, shifts, system)

@@ -53,9 +53,7 @@ def _structure_pairs(
     n = positions.shape[0]
     device = positions.device
     if n == 0:
-        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(
-            0, 3, dtype=torch.long, device=device
-        )
+        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(0, 3, dtype=torch.long, device=device)
     lattice = complete_cell(cell, pbc)
     inverse = torch.linalg.inv(lattice)
     fractional = positions @ inverse
@@ -84,9 +82,7 @@ def _structure_pairs(
         j_all.append(j_sel)
         s_all.append(true_shift)
     if not i_all:
-        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(
-            0, 3, dtype=torch.long, device=device
-        )
+        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(0, 3, dtype=torch.long, device=device)
     i_cat, j_cat, s_cat = torch.cat(i_all), torch.cat(j_all), torch.cat(s_all)
     if not full:
         # A self-image pair (i, i, S) is the same pair as (i, i, -S): keep the one whose first

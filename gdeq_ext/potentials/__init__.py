@@ -1,5 +1,19 @@
-"""Potentials: the common interface (and, as they land, Stillinger-Weber and the learned MLIP)."""
+"""Potentials: the common interface, the Stillinger-Weber teacher and the learned MLIP."""
 
 from gdeq_ext.potentials.base import Edges, Potential, energy_forces, hessian_vector_product
+from gdeq_ext.potentials.mlip import MLIP, edge_moments
+from gdeq_ext.potentials.mlip_reference import edge_moments_padded, edge_moments_reference
+from gdeq_ext.potentials.stillinger_weber import SW_SILICON, StillingerWeber
 
-__all__ = ["Edges", "Potential", "energy_forces", "hessian_vector_product"]
+__all__ = [
+    "MLIP",
+    "SW_SILICON",
+    "Edges",
+    "Potential",
+    "StillingerWeber",
+    "edge_moments",
+    "edge_moments_padded",
+    "edge_moments_reference",
+    "energy_forces",
+    "hessian_vector_product",
+]

@@ -1,0 +1,149 @@
+"""MLIP: the learned, conservative, many-body potential (design and why it can represent SW: docs/model.md).
+
+    h_i⁰     = embedding[species_i]                                       (n_atoms, F)
+    layer t: u = U_t h^t                                                  (n_atoms, C)   node, linear
+             A = edge_moments(r_ij, u, W_t)                               (n_atoms, C, 10) the edge op
+             B = [A0, |A1|², ‖A2‖²]                                        (n_atoms, 3C)  invariants
+             h^{t+1} = h^t + MLP_t(B)                                     (n_atoms, F)
+    E_s      = Σ_{i ∈ s} (readout(h_i^T) + e0[species_i])                 (n_systems,)   eV
+
+Only :func:`edge_moments` touches edges; everything else is ordinary dense torch on node tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from gdeq_ext.data.batch import Batch
+from gdeq_ext.neighbors.edge_vectors import edge_vectors
+from gdeq_ext.potentials.base import Edges, Potential
+from gdeq_ext.potentials.input_checks import check_finite, check_overlaps, check_species, species_index_table
+from gdeq_ext.potentials.io import SaveLoadMixin
+from gdeq_ext.potentials.mlip_reference import edge_moments_padded, moment_invariants
+
+__all__ = ["MLIP", "edge_moments"]
+
+
+def edge_moments(
+    vectors: torch.Tensor, edge_index: torch.Tensor, u: torch.Tensor, weights: torch.Tensor, cutoff: float
+) -> torch.Tensor:
+    """The MLIP's edge op, (n_atoms, C, 10): the dispatch point for the fused kernel of issue #5.
+
+    Same arguments and result as :func:`gdeq_ext.potentials.mlip_reference.edge_moments_reference`;
+    until a compiled kernel exists it runs the faster plain-PyTorch form of the same sum,
+    :func:`~gdeq_ext.potentials.mlip_reference.edge_moments_padded`.
+    """
+    return edge_moments_padded(vectors, edge_index, u, weights, cutoff)
+
+
+class InteractionLayer(nn.Module):
+    """One interaction: channels U (F→C, no bias), radial weights W (n_radial, C), MLP (3C→hidden→F)."""
+
+    def __init__(self, features: int, channels: int, n_radial: int, hidden: int):
+        super().__init__()
+        self.channel_projection = nn.Linear(features, channels, bias=False)
+        # Var[R_c] ≈ 1 per neighbour shell with the basis' magnitude (~0.1-0.3) at bonding distances.
+        self.radial_weights = nn.Parameter(torch.randn(n_radial, channels) / n_radial**0.5)
+        self.update = nn.Sequential(nn.Linear(3 * channels, hidden), nn.SiLU(), nn.Linear(hidden, features))
+
+    def forward(self, h: torch.Tensor, vectors: torch.Tensor, edge_index: torch.Tensor, cutoff: float):
+        moments = edge_moments(vectors, edge_index, self.channel_projection(h), self.radial_weights, cutoff)
+        return h + self.update(moment_invariants(moments))
+
+
+class MLIP(SaveLoadMixin, Potential):
+    """A learned message-passing potential with rank-0/1/2 angular moments (conservative: F = −dE/dX).
+
+    Args:
+        species: atomic numbers it accepts (default silicon only); others raise ValueError.
+        cutoff: r_c in Å (default 4.0: SW's 3.7712 Å plus 0.23 Å, so the cutoff taper sits where the
+            teacher is already flat, and the second shell of diamond Si, 3.84 Å, is the last one seen).
+        features: F, width of the node state h (default 32).
+        channels: C, channels per moment (default 16).
+        n_radial: Bessel functions in the radial filter (default 8).
+        n_layers: interaction layers (default 2).
+        hidden: hidden width of each update MLP and of the readout (default 64).
+        seed: seed of the initial weights (default 0; None uses the global RNG).
+
+    Parameters are created in torch's default dtype and follow ``.to(dtype)``; :meth:`energy` requires
+    the batch in the model's dtype. Energies (n_systems,) in eV, forces in eV/Å (autograd).
+    """
+
+    def __init__(
+        self,
+        species: Sequence[int] = (14,),
+        cutoff: float = 4.0,
+        features: int = 32,
+        channels: int = 16,
+        n_radial: int = 8,
+        n_layers: int = 2,
+        hidden: int = 64,
+        seed: int | None = 0,
+    ):
+        super().__init__()
+        self.species = tuple(int(z) for z in species)
+        self.cutoff = float(cutoff)
+        self.config = dict(
+            species=list(self.species),
+            cutoff=self.cutoff,
+            features=int(features),
+            channels=int(channels),
+            n_radial=int(n_radial),
+            n_layers=int(n_layers),
+            hidden=int(hidden),
+            seed=seed,
+        )
+        self.register_buffer("species_table", species_index_table(self.species), persistent=False)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.embedding = nn.Embedding(len(self.species), features)
+            self.layers = nn.ModuleList(
+                InteractionLayer(features, channels, n_radial, hidden) for _ in range(n_layers)
+            )
+            self.readout = nn.Sequential(nn.Linear(features, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        # Per-species energy offset (eV/atom); fit_forces sets it from the data before training.
+        self.reference_energy = nn.Parameter(torch.zeros(len(self.species)))
+
+    def hyperparameters(self) -> dict:
+        return dict(self.config)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config.items())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.reference_energy.dtype
+
+    def atom_energies(self, batch: Batch, edges: Edges | None = None) -> torch.Tensor:
+        """Energy of every atom (n_atoms,) in eV (their per-structure sums are :meth:`energy`)."""
+        if batch.dtype != self.dtype:
+            raise TypeError(
+                f"the batch is {batch.dtype} but the MLIP's parameters are {self.dtype}: "
+                f"use batch.to(dtype={self.dtype}) or model.to({batch.dtype})"
+            )
+        check_finite(batch)
+        species = check_species(batch, self.species_table, self.species)
+        edge_index, shifts = edges if edges is not None else self.neighbors(batch)
+        vectors, distances = edge_vectors(batch.positions, batch.cell, edge_index, shifts, batch.system)
+        check_overlaps(batch, edge_index, distances)
+        # Pairs beyond r_c contribute exactly zero (f_c ≡ 0 there); dropping them first only saves work.
+        keep = (distances.detach() < self.cutoff).nonzero().flatten()
+        edge_index, vectors = edge_index[:, keep], vectors[keep]
+
+        h = self.embedding(species)
+        for layer in self.layers:
+            h = layer(h, vectors, edge_index, self.cutoff)
+        return self.readout(h).squeeze(-1) + self.reference_energy[species]
+
+    def energy(self, batch: Batch, edges: Edges | None = None) -> torch.Tensor:
+        """Energy per structure (n_systems,) in eV; ``edges`` may come from a larger (Verlet) cutoff.
+
+        Raises ValueError naming the structure and atoms for non-finite positions, unknown species and
+        atoms closer than 0.1 Å; TypeError when the batch's dtype differs from the model's.
+        """
+        per_atom = self.atom_energies(batch, edges)
+        return per_atom.new_zeros(batch.n_systems).index_add(0, batch.system, per_atom)

@@ -1,0 +1,24 @@
+"""Batched relaxations and their three gradients: BPTT, implicit, and the hybrid (G-DEQ) formulation."""
+
+from gdeq_ext.relax.bptt import BPTTRelax
+from gdeq_ext.relax.checks import NonFiniteError, RelaxationWarning, structure_fmax
+from gdeq_ext.relax.fire import FIREParameters, FIREResult, fire
+from gdeq_ext.relax.hybrid import HybridRelax
+from gdeq_ext.relax.implicit import ImplicitRelax
+from gdeq_ext.relax.result import RelaxResult
+from gdeq_ext.relax.window import capped_step, run_window
+
+__all__ = [
+    "BPTTRelax",
+    "FIREParameters",
+    "FIREResult",
+    "HybridRelax",
+    "ImplicitRelax",
+    "NonFiniteError",
+    "RelaxResult",
+    "RelaxationWarning",
+    "capped_step",
+    "fire",
+    "run_window",
+    "structure_fmax",
+]

@@ -1,0 +1,117 @@
+"""HybridRelax (G-DEQ): a differentiated window of K steps, a graph-free FIRE solve, the implicit gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gdeq_ext.data.batch import Batch
+from gdeq_ext.relax.fire import FIREParameters
+from gdeq_ext.relax.forces import ForceFn, make_verlet
+from gdeq_ext.relax.implicit import ImplicitRelax
+from gdeq_ext.relax.result import RelaxResult
+from gdeq_ext.relax.window import run_window
+
+__all__ = ["HybridRelax"]
+
+
+class HybridRelax(ImplicitRelax):
+    """The formulation of METHOD.md §1:
+
+        X_1..X_K = K differentiated steps X <- X + cap(αF_θ(X)) from X_0   (guidance window, with graph)
+        X*       = FIRE from X_K without a graph                             (equilibrium solve)
+        dL/dθ    = uᵀ ∂F_θ/∂θ |_{X*}  (H u = g)  +  β · gᵀ dX_K/dθ          (implicit + straight-through)
+
+    The cotangent g = dL/dX* enters the window at X_K scaled by β = ``handoff``; β = 0 or K = 0 gives
+    exactly :class:`ImplicitRelax`'s gradient. The window states are returned (``RelaxResult.window``)
+    with their graph so a guidance loss can be added on them. Memory: O(K) window + O(1).
+
+    Args:
+        potential: any module mapping a Batch to energies (n_systems,) eV.
+        window: K >= 0 differentiated steps (default 10).
+        fmax, max_steps: FIRE tolerance (eV/Å, default 0.01) and step limit after the window (default 1000).
+        handoff: β (default 1.0).
+        checkpoint: recompute each window step's graph in backward (default False); bit-identical.
+        alpha: Å²/eV window step (default 0.01); maxstep: Å per-atom cap (default 0.2).
+        the remaining keyword arguments: as :class:`ImplicitRelax` (solver, rtol, atol, max_iter, damping,
+            project_rotations, fixed_point_alpha, fire, skin, force_fn, parameters, warn).
+
+    ``RelaxResult.steps`` counts window and FIRE steps together.
+    """
+
+    def __init__(
+        self,
+        potential,
+        window: int = 10,
+        *,
+        fmax: float = 0.01,
+        max_steps: int = 1000,
+        handoff: float = 1.0,
+        checkpoint: bool = False,
+        alpha: float = 0.01,
+        maxstep: float = 0.2,
+        solver: str = "cg",
+        rtol: float = 1e-6,
+        atol: float = 0.0,
+        max_iter: int | None = None,
+        damping: float = 0.0,
+        project_rotations: bool = True,
+        fixed_point_alpha: float = 0.01,
+        fire: FIREParameters | None = None,
+        skin: float = 0.5,
+        force_fn: ForceFn | None = None,
+        parameters: Sequence[torch.Tensor] | None = None,
+        warn: bool = True,
+    ):
+        super().__init__(
+            potential,
+            fmax=fmax,
+            max_steps=max_steps,
+            solver=solver,
+            rtol=rtol,
+            atol=atol,
+            max_iter=max_iter,
+            damping=damping,
+            project_rotations=project_rotations,
+            fixed_point_alpha=fixed_point_alpha,
+            fire=fire,
+            skin=skin,
+            force_fn=force_fn,
+            parameters=parameters,
+            warn=warn,
+        )
+        if window < 0:
+            raise ValueError(f"window must be non-negative, got {window}")
+        self.window = int(window)
+        self.handoff = float(handoff)
+        self.checkpoint = checkpoint
+        self.alpha = float(alpha)
+        self.maxstep = float(maxstep)
+
+    def __call__(self, batch: Batch) -> RelaxResult:
+        verlet = make_verlet(self.potential, self.skin)
+        states = run_window(
+            self.potential,
+            batch,
+            self.window,
+            alpha=self.alpha,
+            maxstep=self.maxstep,
+            verlet=verlet,
+            force_fn=self.force_fn,
+            checkpoint=self.checkpoint,
+        )
+        anchor = states[-1] if states else None
+        start = batch if anchor is None else batch.with_positions(anchor.detach())
+        solved = self._solve(start, verlet, step_offset=self.window)
+        positions, record = self._attach(batch, solved, anchor, self.handoff)
+        return RelaxResult(
+            positions=positions,
+            converged=solved.converged,
+            fmax=solved.fmax,
+            steps=solved.steps + self.window,
+            energy=solved.energy,
+            batch=batch.with_positions(positions),
+            window=tuple(states),
+            record=record,
+        )

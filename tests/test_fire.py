@@ -1,0 +1,115 @@
+"""Batched FIRE against ase.optimize.FIRE, per-structure freezing and reports, the capped window map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.optimize import FIRE as AseFIRE
+
+from gdeq_ext.ase import GDEQCalculator
+from gdeq_ext.neighbors import VerletList
+from gdeq_ext.potentials.base import Potential
+from gdeq_ext.potentials.stillinger_weber import StillingerWeber
+from gdeq_ext.relax import NonFiniteError, RelaxationWarning, capped_step, fire, run_window
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class NaNAfter(Potential):
+    """``base`` until ``calls`` energy evaluations have happened, then NaN forces on one structure."""
+
+    def __init__(self, base, calls, structure):
+        super().__init__()
+        self.base, self.calls, self.structure, self.count = base, calls, structure, 0
+        self.cutoff = base.cutoff
+
+    def energy(self, batch, edges=None):
+        energy = self.base.energy(batch, edges)
+        self.count += 1
+        if self.count > self.calls:
+            mine = (batch.system == self.structure).unsqueeze(1)
+            poison = (torch.where(mine, batch.positions, 0.0).sum() * float("nan")).expand(batch.n_systems)
+            energy = energy + torch.where(torch.arange(batch.n_systems) == self.structure, poison, 0.0)
+        return energy
+
+
+def _ase_fire(potential, atoms, fmax, steps):
+    atoms = atoms.copy()
+    atoms.calc = GDEQCalculator(potential)
+    optimizer = AseFIRE(atoms, logfile=None)
+    optimizer.run(fmax=fmax, steps=steps)
+    return atoms.get_positions(), optimizer.nsteps
+
+
+def test_matches_ase_fire_structure_by_structure(kit):
+    sw = StillingerWeber()
+    sheared = kit.make_batch([kit.diamond(shear=0.06, strain=-0.02)], rattle=0.1, seed=5)
+    vacancy = kit.si_vacancy(rattle=0.1, seed=6)
+    perfect = kit.make_batch([kit.diamond()])  # force-free at the start: 0 steps
+    starts = [sheared.to_ase()[0], vacancy.to_ase()[0], perfect.to_ase()[0]]
+    batch = type(sheared).from_ase(starts, dtype=torch.float64)
+
+    out = fire(sw, batch, fmax=0.01, max_steps=500, verlet=VerletList(sw.cutoff, 0.5))
+    assert out.converged.tolist() == [True, True, True]
+    assert int(out.steps[2]) == 0
+    for s, (start, stop) in enumerate(batch.ranges()):
+        positions, steps = _ase_fire(sw, starts[s], 0.01, 500)
+        moved = np.abs(out.positions[start:stop].numpy() - positions).max()
+        assert moved < 1e-3, f"structure {s}: {moved:.2e} Å from ASE's FIRE"
+        assert abs(int(out.steps[s]) - steps) <= 0.1 * steps, f"structure {s}: {int(out.steps[s])} vs {steps}"
+
+
+def test_structures_relax_independently_and_converged_ones_freeze(kit, sw_like):
+    a = kit.make_batch([kit.diamond(shear=0.03)], rattle=0.05, seed=1)
+    b = kit.make_batch([kit.diamond(shear=0.08, strain=0.02)], rattle=0.15, seed=2)
+    both = type(a).from_ase(a.to_ase() + b.to_ase(), dtype=torch.float64)
+    together = fire(sw_like, both, fmax=1e-4, max_steps=2000, verlet=VerletList(sw_like.cutoff, 0.5))
+    for s, single in enumerate((a, b)):
+        alone = fire(sw_like, single, fmax=1e-4, max_steps=2000, verlet=VerletList(sw_like.cutoff, 0.5))
+        start, stop = both.ranges()[s]
+        assert int(together.steps[s]) == int(alone.steps[0])
+        torch.testing.assert_close(together.positions[start:stop], alone.positions, rtol=0, atol=1e-12)
+    assert int(together.steps[0]) != int(together.steps[1])  # one froze while the other moved on
+
+
+def test_verlet_list_is_reused(kit, sw_like):
+    batch = kit.make_batch([kit.diamond(shear=0.06)], rattle=0.1, seed=4)
+    verlet = VerletList(sw_like.cutoff, 0.5)
+    out = fire(sw_like, batch, fmax=1e-3, max_steps=1000, verlet=verlet)
+    assert bool(out.converged.all()) and int(out.steps[0]) > 20
+    assert verlet.rebuilds <= 3
+
+
+def test_max_steps_is_reported_never_silently_converged(kit, sw_like):
+    perfect = kit.make_batch([kit.diamond()])
+    rattled = kit.make_batch([kit.diamond(shear=0.05)] * 2, rattle=0.1, seed=7)
+    batch = type(perfect).from_ase(perfect.to_ase() + rattled.to_ase(), dtype=torch.float64)
+    with pytest.warns(RelaxationWarning, match=r"2 of 3 structures .*structure 1: fmax [0-9.e-]+ eV/Å after 5 steps"):
+        out = fire(sw_like, batch, fmax=1e-3, max_steps=5)
+    assert out.converged.tolist() == [True, False, False]
+    assert out.steps.tolist() == [0, 5, 5]
+    assert bool((out.fmax[1:] >= 1e-3).all())
+
+
+def test_nan_mid_relaxation_names_structure_and_step(kit, sw_like):
+    batch = kit.make_batch([kit.diamond(shear=0.05)] * 3, rattle=0.1, seed=8)
+    poisoned = NaNAfter(sw_like, calls=3, structure=1)
+    with pytest.raises(NonFiniteError, match=r"structure 1 at step 3 \(atoms \[0, 1, 2"):
+        fire(poisoned, batch, fmax=1e-3, max_steps=100)
+    with pytest.raises(NonFiniteError, match=r"window.*structure 2 at step 4"):
+        run_window(NaNAfter(sw_like, calls=4, structure=2), batch, 10)
+
+
+def test_capped_step_limits_each_atom_separately():
+    forces = torch.tensor([[100.0, 0.0, 0.0], [0.0, 3.0, 4.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    step = capped_step(forces, alpha=0.01, maxstep=0.2)
+    torch.testing.assert_close(step[0], torch.tensor([0.2, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(step[1], 0.01 * forces[1])  # 0.05 Å: under the cap, untouched
+    assert float(step[2].abs().max()) == 0.0
+    forces.requires_grad_(True)
+    (grad,) = torch.autograd.grad(capped_step(forces, 0.01, 0.2).sum(), forces)
+    assert bool(torch.isfinite(grad).all())
+    torch.testing.assert_close(grad[1], torch.full((3,), 0.01, dtype=torch.float64))
+    # Capped atom: d(maxstep F/|F|)/dF = maxstep (I - u uᵀ)/|F|, summed over components.
+    torch.testing.assert_close(grad[0], torch.tensor([0.0, 0.002, 0.002], dtype=torch.float64))
