@@ -1,50 +1,420 @@
-"""Peak memory of training through a relaxation: BPTT vs checkpointed BPTT vs implicit vs hybrid.
+"""Peak memory and time of one training step through a relaxation: BPTT vs checkpointed BPTT vs implicit vs hybrid.
 
-For now this reports what is built (kernels, devices) and which relaxation modes are importable; the
-side-by-side memory measurement lands with issue #7 (it needs the relaxation modes of issue #6).
+    python benchmarks/memory.py              # --quick on a CPU, the full sweep on a GPU
+    python benchmarks/memory.py --full --device cuda --update-readme
+
+One training step = relax a batch of silicon defect cells with the mode, ΔQ loss against the teacher-relaxed
+targets, backward to the potential's parameters. For every relaxation length T (a fixed step count, so BPTT's
+length is controlled; implicit and hybrid run T steps with fmax = 0) and the converged case, it records:
+
+* peak memory above the state before the step (GPU: ``torch.cuda.max_memory_allocated`` after a reset; CPU: the
+  peak resident set size (VmHWM, reset just before the step) of a fresh subprocess per configuration, minus its
+  resident size before the step);
+* wall time of the forward (relaxation) and backward (gradient) parts;
+* the cosine between the mode's gradient dL/dθ and naive BPTT's at the same T.
+
+A "force-matching step" row (energy + forces of the same batch, MSE on forces, backward) gives the physical floor.
+Writes benchmarks/results/memory.{json,png,md}; ``--update-readme`` copies the table into README.md.
+The potential is a base MLIP fitted to Stillinger-Weber forces on bulk cells (fitted once, cached).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import platform
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
-import gdeq_ext
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, machine_label, markdown_table, update_readme_section, write_json  # noqa: E402
+
+import gdeq_ext  # noqa: E402
+from gdeq_ext import Batch, BPTTRelax, HybridRelax, ImplicitRelax, delta_q  # noqa: E402
+from gdeq_ext.potentials import MLIP, StillingerWeber  # noqa: E402
+
+CACHE = RESULTS / "cache"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str  # bptt, bptt-checkpoint, implicit, hybrid, force-step
+    backend: str  # reference | fused: the MLIP's edge kernels
+    steps: int  # T (0 for the converged case of implicit/hybrid, unused by force-step)
+    window: int = 0  # K for hybrid
+
+    @property
+    def label(self) -> str:
+        name = {
+            "bptt": "BPTT",
+            "bptt-checkpoint": "BPTT checkpointed",
+            "implicit": "implicit",
+            "hybrid": f"hybrid K={self.window}",
+            "force-step": "force-matching step",
+        }[self.mode]
+        return f"{name} ({self.backend})"
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def silicon_defect_cells(n_structures: int, repeat: int, seed: int = 0) -> list:
+    """Vacancy and tetrahedral-interstitial cells of diamond Si (SW lattice constant), rattled 0.1 Å."""
+    from ase import Atoms
+
+    from gdeq_ext.train.data import diamond_silicon
+
+    cells = []
+    rng = np.random.default_rng(seed)
+    for index in range(n_structures):
+        atoms = diamond_silicon((repeat, repeat, repeat))
+        if index % 2 == 0:
+            del atoms[int(rng.integers(len(atoms)))]
+        else:
+            a = atoms.cell.lengths()[0] / repeat
+            atoms += Atoms("Si", positions=[[0.5 * a, 0.5 * a, 0.5 * a]])
+        atoms.rattle(0.1, seed=int(rng.integers(1 << 30)))
+        cells.append(atoms)
+    return cells
+
+
+def base_model(path: Path, dtype: torch.dtype, quick: bool) -> Path:
+    """A base MLIP fitted to SW forces on bulk cells; cached at ``path`` (fitting takes a minute or two)."""
+    if path.exists():
+        return path
+    from gdeq_ext.train import fit_forces, silicon_dataset
+
+    print(f"fitting a base MLIP to Stillinger-Weber forces (cached at {path}) ...", flush=True)
+    data = silicon_dataset(24 if quick else 96, 8 if quick else 32, repeat=(2, 2, 2), potential=StillingerWeber())
+    model = MLIP().to(dtype)
+    result = fit_forces(model, data, epochs=60 if quick else 300, max_time_s=90 if quick else 900, progress=False)
+    print(f"  validation force MAE {result.val_force_mae:.3f} eV/Å", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return path
+
+
+def prepare_setup(args) -> Path:
+    """Model, starts and teacher-relaxed targets, written once for all worker processes."""
+    dtype = getattr(torch, args.dtype)
+    model_path = base_model(Path(args.model) if args.model else CACHE / f"base_mlip_{args.dtype}.pt", dtype, args.quick)
+    starts = silicon_defect_cells(args.structures, args.repeat)
+    batch = Batch.from_ase(starts, dtype=torch.float64)
+    teacher = StillingerWeber()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        targets = gdeq_ext.relax.fire(teacher, batch, fmax=1e-3, max_steps=3000, warn=False).positions.detach()
+    setup = {"model": str(model_path), "atoms": starts, "targets": targets, "dtype": args.dtype}
+    path = CACHE / f"setup_{args.dtype}_{args.structures}x{args.repeat}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(setup, path)
+    return path
+
+
+def load_model(path: str, backend: str, dtype: torch.dtype, device: str):
+    model = MLIP.load(path).to(dtype=dtype, device=device)
+    if backend == "fused":
+        if not hasattr(model, "backend") or not gdeq_ext._extension.has_kernel("edge_moments", torch.device(device)):
+            return None
+        model.backend = "fused"
+    elif hasattr(model, "backend"):
+        model.backend = "reference"
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- one step
+def relaxer(config: Config, model):
+    quiet = dict(warn=False)
+    if config.mode == "bptt":
+        return BPTTRelax(model, steps=config.steps, fmax=0.0)
+    if config.mode == "bptt-checkpoint":
+        return BPTTRelax(model, steps=config.steps, fmax=0.0, checkpoint=True)
+    fmax, max_steps = (0.01, 3000) if config.steps == 0 else (0.0, config.steps)
+    if config.mode == "implicit":
+        return ImplicitRelax(model, fmax=fmax, max_steps=max_steps, **quiet)
+    if config.mode == "hybrid":
+        return HybridRelax(
+            model,
+            window=config.window,
+            fmax=fmax,
+            max_steps=max_steps - config.window if config.steps else max_steps,
+            **quiet,
+        )
+    raise ValueError(config.mode)
+
+
+def training_step(config: Config, model, batch: Batch, targets: torch.Tensor):
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = time.perf_counter()
+    if config.mode == "force-step":
+        energy, forces = gdeq_ext.potentials.energy_forces(model, batch, create_graph=True)
+        loss = (forces - targets).pow(2).mean()
+        steps = 0
+    else:
+        result = relaxer(config, model)(batch)
+        loss = delta_q(result.positions, targets, batch).sum()
+        steps = int(result.steps.max())
+    synchronize(batch.device)
+    middle = time.perf_counter()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    synchronize(batch.device)
+    end = time.perf_counter()
+    flat = torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params, strict=True)]
+    )
+    return {"loss": float(loss), "forward_s": middle - start, "backward_s": end - middle, "steps": steps}, flat
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's resident-set high-water mark (VmHWM) to the current size (Linux >= 4.0), so the
+    peak measured afterwards belongs to the training step, not to imports or setup."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_worker(config: Config, setup_path: str, device: str, grad_path: str | None) -> dict:
+    """One configuration in this process: returns the measurements (and saves the gradient)."""
+    setup = torch.load(setup_path, weights_only=False)
+    dtype = getattr(torch, setup["dtype"])
+    model = load_model(setup["model"], config.backend, dtype, device)
+    if model is None:
+        return {"skipped": "no compiled fused kernel for this device"}
+    batch = Batch.from_ase(setup["atoms"], dtype=dtype, device=device)
+    targets = setup["targets"].to(dtype=dtype, device=device)
+    if config.mode == "force-step":
+        _, targets = gdeq_ext.potentials.energy_forces(StillingerWeber().to(dtype), batch.to("cpu"))
+        targets = targets.to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if device.startswith("cuda"):
+            training_step(config, model, batch, targets)  # warm-up: kernels, allocator
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            baseline = torch.cuda.memory_allocated()
+            measured, grad = training_step(config, model, batch, targets)
+            measured["peak_bytes"] = torch.cuda.max_memory_allocated() - baseline
+        else:
+            gc.collect()
+            reset_peak_rss()
+            baseline = current_rss_bytes()
+            measured, grad = training_step(config, model, batch, targets)
+            measured["peak_bytes"] = max(peak_rss_bytes() - baseline, 0)
+    if grad_path:
+        torch.save(grad.detach().cpu().double(), grad_path)
+    measured["n_atoms"] = batch.n_atoms
+    return measured
+
+
+def run_in_subprocess(config: Config, setup_path: Path, device: str, grad_path: Path) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        json.dumps(asdict(config)),
+        "--setup",
+        str(setup_path),
+        "--device",
+        device,
+        "--grad",
+        str(grad_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------- sweep
+def configurations(args) -> list[Config]:
+    backends = ["reference", "fused"]
+    configs = [Config("force-step", b, 0) for b in backends]
+    lengths = [*args.lengths, 0]  # 0: the converged case (implicit and hybrid only)
+    for steps in lengths:
+        for backend in backends:
+            if steps:
+                configs.append(Config("bptt", backend, steps))
+                configs.append(Config("bptt-checkpoint", backend, steps))
+            configs.append(Config("implicit", backend, steps))
+            configs += [Config("hybrid", backend, steps, k) for k in args.windows if not steps or k < steps]
+    return configs
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def summarize(records: list[dict]) -> str:
+    relaxations = [r for r in records if r["mode"] != "force-step"]
+    lengths = sorted({r["steps_T"] for r in relaxations}, key=lambda t: (t == 0, t))
+    header = ["mode"] + [f"T={t}" if t else "converged" for t in lengths]
+    header += ["fwd+bwd time (largest T)", "cos(∇θ, BPTT ∇θ)"]
+    rows = []
+    for label in dict.fromkeys(r["label"] for r in relaxations):
+        mine = [r for r in relaxations if r["label"] == label]
+        if all("peak_bytes" not in r for r in mine):
+            continue  # not measured at all (the reasons are listed under the table)
+        cells = [label]
+        for t in lengths:
+            hit = [r for r in mine if r["steps_T"] == t and "peak_bytes" in r]
+            cells.append(format_bytes(hit[0]["peak_bytes"]) if hit else "—")
+        timed = [r for r in mine if "forward_s" in r]
+        last = max(timed, key=lambda r: (r["steps_T"] != 0, r["steps_T"])) if timed else None
+        cells.append(f"{last['forward_s'] + last['backward_s']:.2f} s" if last else "—")
+        cosines = [r["cosine_vs_bptt"] for r in mine if r.get("cosine_vs_bptt") is not None]
+        cells.append(f"{min(cosines):.3f} to {max(cosines):.3f}" if cosines else "—")
+        rows.append(cells)
+    floor = [
+        f"{r['backend']}: {format_bytes(r['peak_bytes'])}"
+        for r in records
+        if r["mode"] == "force-step" and "peak_bytes" in r
+    ]
+    text = markdown_table(header, rows)
+    if floor:
+        text += "\n\nOne force-matching training step on the same batch (the floor): " + ", ".join(floor) + "."
+    return text
+
+
+def format_bytes(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value / 2**20:.1f} MiB"
+
+
+def plot(records: list[dict], info: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label in dict.fromkeys(r["label"] for r in records):
+        points = sorted(
+            (r["steps_T"], r["peak_bytes"])
+            for r in records
+            if r["label"] == label and r["steps_T"] and "peak_bytes" in r
+        )
+        if points:
+            ax.plot(*zip(*[(t, b / 2**20) for t, b in points], strict=True), marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("relaxation length T (steps)")
+    ax.set_ylabel("peak memory of one training step (MiB)")
+    ax.set_title(f"gdeq_ext memory vs relaxation length\n{machine_label(info)}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--json", help="also write the report to this file")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small sweep (default on a CPU)")
+    mode.add_argument("--full", action="store_true", help="the full sweep (default on a GPU)")
+    parser.add_argument("--lengths", type=int, nargs="+", help="relaxation lengths T")
+    parser.add_argument("--windows", type=int, nargs="+", help="hybrid windows K")
+    parser.add_argument("--structures", type=int, help="structures per batch")
+    parser.add_argument("--repeat", type=int, help="diamond supercell repeat (2: 64 sites, 3: 216 sites)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--model", help="a saved MLIP (default: fit one to SW and cache it)")
+    parser.add_argument("--output", default=str(RESULTS / "memory"), help="prefix of the .json/.png/.md outputs")
+    parser.add_argument("--update-readme", action="store_true", help="copy the table into README.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--setup", help=argparse.SUPPRESS)
+    parser.add_argument("--grad", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    info = gdeq_ext.build_info()
-    modes = {name: hasattr(gdeq_ext, name) for name in ("BPTTRelax", "ImplicitRelax", "HybridRelax")}
-    report = {
-        "gdeq_ext": gdeq_ext.__version__,
-        "build": info,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        },
-        "relaxation_modes_available": modes,
-        "memory_benchmark": "not yet implemented (issue #7)",
-    }
-    print(f"gdeq_ext {gdeq_ext.__version__} with torch {torch.__version__}")
-    print(f"  compiled extension: {info['compiled']}" + ("" if info["compiled"] else f" ({info.get('reason')})"))
-    if info["compiled"]:
-        print(f"  CUDA kernels compiled: {info['with_cuda']} ({info['cuda_decision']})")
-        print(f"  OpenMP: {info['openmp']}")
-    print(f"  CUDA device visible: {info['cuda_device_available']}")
-    for name, present in modes.items():
-        print(f"  {name}: {'available' if present else 'not yet implemented'}")
-    print("The memory benchmark itself (BPTT vs implicit vs hybrid) is issue #7 and is not implemented yet.")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
+    if args.worker:
+        print(json.dumps(run_worker(Config(**json.loads(args.worker)), args.setup, args.device, args.grad)))
+        return
+
+    args.quick = args.quick or (not args.full and not args.device.startswith("cuda"))
+    args.lengths = args.lengths or ([50, 100, 200] if args.quick else [50, 100, 200, 400, 800])
+    args.windows = args.windows or ([5, 10, 20] if args.quick else [5, 10, 20, 30])
+    args.structures = args.structures or (2 if args.quick else 4)
+    args.repeat = args.repeat or (2 if args.quick else 3)
+    info = machine(args.device)
+    print(f"gdeq_ext {gdeq_ext.__version__}: memory benchmark on {machine_label(info)}")
+    print(
+        f"  build: compiled={gdeq_ext.build_info()['compiled']}, lengths {args.lengths}, windows {args.windows}, "
+        f"{args.structures} structures of {8 * args.repeat**3} sites ±1, {args.dtype}",
+        flush=True,
+    )
+
+    setup_path = prepare_setup(args)
+    from tqdm.auto import tqdm
+
+    records = []
+    grads = {}
+    for config in tqdm(configurations(args), desc="configurations"):
+        grad_path = CACHE / f"grad_{config.mode}_{config.backend}_{config.steps}_{config.window}.pt"
+        grad_path.unlink(missing_ok=True)
+        if args.device.startswith("cuda"):
+            try:
+                measured = run_worker(config, str(setup_path), args.device, str(grad_path))
+            except Exception as error:  # a failing configuration is reported, not hidden
+                measured = {"error": f"{type(error).__name__}: {error}"}
+        else:
+            measured = run_in_subprocess(config, setup_path, args.device, grad_path)
+        if grad_path.exists():
+            grads[config] = torch.load(grad_path)
+        records.append({**asdict(config), "label": config.label, "steps_T": config.steps, **measured})
+
+    for record, config in zip(records, configurations(args), strict=True):
+        reference = grads.get(Config("bptt", "reference", config.steps))
+        mine = grads.get(config)
+        record["cosine_vs_bptt"] = None if reference is None or mine is None else cosine(mine, reference)
+
+    table = summarize(records)
+    problems: dict[str, list[str]] = {}
+    for r in records:
+        if "error" in r or "skipped" in r:
+            where = r["label"] + (f" T={r['steps_T']}" if r["mode"] != "force-step" else "")
+            problems.setdefault(r.get("error") or r["skipped"], []).append(where)
+    heading = (
+        f"Peak memory of one training step (relax + ΔQ + backward), {args.structures} Si defect cells of "
+        f"{8 * args.repeat**3}±1 atoms, {args.dtype}, measured {info['date']} on {machine_label(info)}."
+    )
+    markdown = f"{heading}\n\n{table}\n"
+    for reason, where in problems.items():
+        shown = ", ".join(where) if len(where) <= 4 else f"{len(where)} configurations ({where[0]}, ...)"
+        markdown += f"\nNot measured ({reason}): {shown}.\n"
+    output = Path(args.output)
+    write_json(output.with_suffix(".json"), {"machine": info, "arguments": vars(args), "records": records})
+    output.with_suffix(".md").write_text(markdown)
+    plot(records, info, output.with_suffix(".png"))
+    print(markdown)
+    print(f"wrote {output}.json, .md, .png")
+    if args.update_readme:
+        update_readme_section(README, "memory", markdown)
 
 
 if __name__ == "__main__":
