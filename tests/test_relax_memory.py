@@ -2,8 +2,8 @@
 
 Bytes are counted with ``saved_tensors_hooks``: every tensor autograd saves for backward is wrapped in a
 holder kept in a WeakSet, so after the forward pass the live holders are exactly the tensors the
-retained graph keeps (temporary graphs, such as the force evaluations inside FIRE, are freed and drop
-out). Unique storages are summed, so a tensor saved by several nodes counts once.
+retained graph keeps (temporary graphs, such as the force evaluations inside FIRE or the graph of a
+recomputed window step, are freed and drop out). Unique storages are summed, so a tensor saved by several nodes counts once.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class _Holder:
+    # Detached: a saved output would otherwise hold its own grad_fn through the holder, a reference cycle
+    # through C++ autograd nodes that keeps temporary graphs alive. Autograd re-attaches grad_fn on unpack.
     def __init__(self, tensor):
-        self.tensor = tensor
+        self.tensor = tensor.detach()
 
 
 def saved_bytes(run):

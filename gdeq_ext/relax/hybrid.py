@@ -100,6 +100,7 @@ class HybridRelax(ImplicitRelax):
             verlet=verlet,
             force_fn=self.force_fn,
             checkpoint=self.checkpoint,
+            parameters=self.parameters,
         )
         anchor = states[-1] if states else None
         start = batch if anchor is None else batch.with_positions(anchor.detach())

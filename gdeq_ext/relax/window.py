@@ -7,26 +7,27 @@ whole-structure cap, it is per atom, so an atom's step is never shrunk because s
 structure feels a large force. The map has no momentum: its Jacobian is I - αH (times the cap's), the
 J_G of METHOD.md §5.
 
-Checkpointing (``checkpoint=True``) makes every step its own ``torch.utils.checkpoint`` segment
-(non-reentrant, so the recomputed nodes are the original graph's nodes and the gradients are
-bit-identical wherever the potential's kernels are deterministic, e.g. on CPU): only the states X_t,
-node-level (n_atoms, 3) tensors that are returned anyway, outlive a step. Longer segments would save
-nothing more (a segment boundary is one such state) and cost more: the force is itself a gradient of
-the energy, so computing it inside a checkpointed segment unpacks the segment's saved tensors and makes
-autograd recompute the segment up to that point during the forward pass too; with one-step segments
-that is one extra energy evaluation per step (3 evaluations per step in all, against 1 without
-checkpointing).
+Every step is one autograd node (:class:`_WindowStep`) whose backward differentiates the step's own graph
+with respect to X_t and θ at once. With ``checkpoint=False`` that graph is built in forward and kept; with
+``checkpoint=True`` only X_t (a node-level (n_atoms, 3) tensor) is kept and the graph is rebuilt in backward,
+so peak memory is the K states plus one step's graph. Both paths run the same operations and sum the same
+partial gradients in the same order, so the gradients are bit-identical wherever the potential's kernels are
+deterministic (e.g. on CPU). ``torch.utils.checkpoint`` is not used: the force is itself a gradient of the
+energy, so computing it inside a non-reentrant checkpoint unpacks the segment's saved tensors during the
+forward pass, which recomputes the segment and keeps the recomputed tensors alive until backward (it measured
+more memory than no checkpointing at all). The window is differentiable once (no double backward through the
+steps); gradients reach X_0 and the tensors θ listed in ``parameters`` (default: the potential's trainable
+parameters), and no other tensor the potential may capture.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from gdeq_ext.data.batch import Batch
 from gdeq_ext.neighbors.verlet import VerletList
 from gdeq_ext.relax.checks import check_finite
-from gdeq_ext.relax.forces import ForceFn, default_force_fn, edges_for
+from gdeq_ext.relax.forces import ForceFn, default_force_fn, edges_for, trainable_parameters
 
 __all__ = ["capped_step", "run_window"]
 
@@ -53,6 +54,7 @@ def run_window(
     verlet: VerletList | None = None,
     force_fn: ForceFn | None = None,
     checkpoint: bool = False,
+    parameters=None,
 ) -> tuple[torch.Tensor, ...]:
     """Run ``steps`` differentiated steps from ``batch.positions``; return the states X_1..X_K.
 
@@ -65,6 +67,7 @@ def run_window(
         verlet: neighbor list reused across steps, or None.
         force_fn: see :mod:`gdeq_ext.relax.forces`.
         checkpoint: recompute each step's graph in backward instead of storing it (default False).
+        parameters: θ, the tensors that receive gradients (default: the potential's trainable parameters).
 
     Returns:
         K tensors (n_atoms, 3) Å, each with its graph to θ (and to X_0 when it requires grad).
@@ -83,25 +86,50 @@ def run_window(
         return x + capped_step(forces, alpha, maxstep)
 
     x = batch.positions
+    parameters = trainable_parameters(potential, parameters)
     states: list[torch.Tensor] = []
     for t in range(steps):
         edges = edges_for(verlet, batch.with_positions(x))
-        if checkpoint:
-            x = torch_checkpoint(_Replay(advance, edges, t), x, use_reentrant=False)
-        else:
-            x = advance(x, edges, t, True)
+        x = _WindowStep.apply(lambda y, e=edges, s=t: advance(y, e, s, True), checkpoint, x, *parameters)
         states.append(x)
     return tuple(states)
 
 
-class _Replay:
-    """One checkpointed step with its neighbor list fixed: the recomputation in backward (and the one
-    autograd's unpacking triggers during forward, when the force's own gradient reads the energy graph)
-    runs the same operations on the same list, so the recomputed graph is the original graph."""
+class _WindowStep(torch.autograd.Function):
+    """X_{t+1} = step(X_t) as one autograd node: ``apply(step, recompute, x, *parameters)``.
 
-    def __init__(self, advance, edges, step: int):
-        self.advance, self.edges, self.step, self.calls = advance, edges, step, 0
+    ``step(x)`` computes X_{t+1} with its graph to ``x`` and to ``parameters`` (listed so that autograd routes
+    their gradients through this node). ``recompute=False`` keeps that graph from forward; ``recompute=True``
+    keeps only X_t and rebuilds the graph in backward.
+    """
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.advance(x, self.edges, self.step, self.calls == 1)
+    @staticmethod
+    def forward(ctx, step, recompute, x, *parameters):
+        ctx.step, ctx.parameters = step, parameters  # parameters: leaves that live anyway (references)
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            out = step(leaf)
+        if recompute:
+            ctx.save_for_backward(x)
+            ctx.graph = None
+        else:
+            ctx.graph = (leaf, out)
+        return out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        needed = ctx.needs_input_grad[3:]
+        parameters = [p for p, need in zip(ctx.parameters, needed, strict=True) if need]
+        with torch.enable_grad():
+            if ctx.graph is None:
+                (x,) = ctx.saved_tensors
+                leaf = x.detach().requires_grad_(True)
+                out = ctx.step(leaf)
+            else:
+                leaf, out = ctx.graph
+            grads = torch.autograd.grad(out, (leaf, *parameters), grad_output, allow_unused=True)
+        ctx.graph = None  # the step's graph is used once; free it now rather than with the whole graph
+        rest = iter(grads[1:])
+        grad_parameters = [next(rest) if need else None for need in needed]
+        return (None, None, grads[0] if ctx.needs_input_grad[2] else None, *grad_parameters)
