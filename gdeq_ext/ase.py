@@ -40,9 +40,7 @@ class GDEQCalculator(Calculator):
     ):
         super().__init__(**kwargs)
         self.potential = potential
-        tensors = (
-            [*potential.parameters(), *potential.buffers()] if isinstance(potential, torch.nn.Module) else []
-        )
+        tensors = [*potential.parameters(), *potential.buffers()] if isinstance(potential, torch.nn.Module) else []
         floating = [t for t in tensors if t.is_floating_point()]
         self.dtype = dtype or (floating[0].dtype if floating else torch.float64)
         if device is None:

@@ -25,9 +25,7 @@ TARGET_MAE = 0.05  # eV/Å, issue #4
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="base_mlip.pt", help="where the fitted model is saved")
     parser.add_argument("--n-rattled", type=int, default=120, help="rattled training cells")
     parser.add_argument("--n-thermal", type=int, default=60, help="MD-snapshot training cells")
@@ -48,9 +46,7 @@ def main() -> None:
 
     teacher = StillingerWeber()
     t0 = time.perf_counter()
-    train = silicon_dataset(
-        args.n_rattled, args.n_thermal, repeat=(2, 2, 2), potential=teacher, seed=args.seed
-    )
+    train = silicon_dataset(args.n_rattled, args.n_thermal, repeat=(2, 2, 2), potential=teacher, seed=args.seed)
     validation = silicon_dataset(
         args.n_val_rattled, args.n_val_thermal, repeat=(2, 2, 2), potential=teacher, seed=args.seed + 1000
     )
@@ -100,9 +96,7 @@ def main() -> None:
     with open(os.path.splitext(args.output)[0] + ".json", "w") as handle:
         json.dump({**report, "history": result.history}, handle, indent=1)
     verdict = "PASS" if final["force_mae"] < TARGET_MAE else "FAIL"
-    when = (
-        "never" if reached is None else f"after {reached['time_s'] / 60:.1f} min (epoch {reached['epoch']})"
-    )
+    when = "never" if reached is None else f"after {reached['time_s'] / 60:.1f} min (epoch {reached['epoch']})"
     print(
         f"{verdict}: validation force MAE {final['force_mae']:.4f} eV/Å (target < {TARGET_MAE}, first "
         f"reached {when}); {result.train_time_s / 60:.1f} min of fitting in all on "

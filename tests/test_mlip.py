@@ -192,9 +192,7 @@ def test_cutoff_function_is_c2():
 
 
 def _edge_inputs(dtype, seed="edge"):
-    batch = Batch.from_ase(
-        [silicon(rattle=0.1, seed=seed), silicon(rattle=0.1, seed=seed, cubic=False)], dtype=dtype
-    )
+    batch = Batch.from_ase([silicon(rattle=0.1, seed=seed), silicon(rattle=0.1, seed=seed, cubic=False)], dtype=dtype)
     edge_index, shifts = neighbor_list(batch, 4.6)  # a skin beyond the 4.0 Å cutoff on purpose
     generator = torch.Generator().manual_seed(stable_seed(seed))
     positions = batch.positions.clone().requires_grad_(True)

@@ -173,9 +173,7 @@ def test_bad_input_is_named(sw):
 
     overlap = other.copy()
     overlap.positions[5] = overlap.positions[2] + [0.05, 0.0, 0.0]
-    with pytest.raises(
-        ValueError, match=r"structure 1: atom (2 overlaps atom 5|5 overlaps atom 2) \(distance 0\.05"
-    ):
+    with pytest.raises(ValueError, match=r"structure 1: atom (2 overlaps atom 5|5 overlaps atom 2) \(distance 0\.05"):
         sw.energy(Batch.from_ase([good, overlap], dtype=torch.float64))
 
     germanium = other.copy()

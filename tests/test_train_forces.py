@@ -40,9 +40,7 @@ def test_rattled_data_is_reproducible_and_varied():
 def test_labels_are_the_teachers(tiny_data):
     sw = StillingerWeber()
     energy, forces = sw.energy_forces(Batch.from_ase(tiny_data[:3], dtype=torch.float64))
-    np.testing.assert_allclose(
-        [a.get_potential_energy() for a in tiny_data[:3]], energy.numpy(), rtol=0, atol=0
-    )
+    np.testing.assert_allclose([a.get_potential_energy() for a in tiny_data[:3]], energy.numpy(), rtol=0, atol=0)
     np.testing.assert_allclose(np.concatenate([a.get_forces() for a in tiny_data[:3]]), forces.numpy())
 
 

@@ -50,6 +50,7 @@ def species_index_table(species: Sequence[int], device=None) -> torch.Tensor:
 def check_species(batch: Batch, table: torch.Tensor, species: Sequence[int]) -> torch.Tensor:
     """Species index (n_atoms,) int64 of every atom; ValueError naming the structure and atoms if unknown."""
     numbers = batch.numbers
+    table = table.to(numbers.device)  # SW has no parameters: it may stay on the CPU for a GPU batch
     in_range = (numbers >= 0) & (numbers < table.shape[0])
     index = torch.where(in_range, table[numbers.clamp(0, table.shape[0] - 1)], -1)
     unknown = index < 0

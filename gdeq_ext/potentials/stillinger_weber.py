@@ -145,7 +145,5 @@ class StillingerWeber(SaveLoadMixin, Potential):
         radial = torch.exp(prm["gamma"] * sigma * inv)
         unit = vectors / r.unsqueeze(1)
         cos = (unit[first] * unit[second]).sum(dim=1)
-        three = (
-            (prm["lam"] * prm["epsilon"]) * (cos - prm["cos_theta0"]) ** 2 * radial[first] * radial[second]
-        )
+        three = (prm["lam"] * prm["epsilon"]) * (cos - prm["cos_theta0"]) ** 2 * radial[first] * radial[second]
         return energy.index_add(0, system_of_edge[first], three)

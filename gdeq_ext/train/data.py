@@ -108,9 +108,7 @@ def thermal_silicon(
         from gdeq_ext.potentials.stillinger_weber import StillingerWeber
 
         potential = StillingerWeber()
-    counts = [
-        n // len(temperatures) + (1 if k < n % len(temperatures) else 0) for k in range(len(temperatures))
-    ]
+    counts = [n // len(temperatures) + (1 if k < n % len(temperatures) else 0) for k in range(len(temperatures))]
     out = []
     for temperature, count in zip(temperatures, counts, strict=True):
         if count == 0:
@@ -172,9 +170,7 @@ def silicon_dataset(
     unknown = set(kwargs) - rattle_keys - thermal_keys
     if unknown:
         raise TypeError(f"silicon_dataset got unexpected arguments {sorted(unknown)}")
-    structures = rattled_silicon(
-        n_rattled, repeat, seed=seed, **{k: v for k, v in kwargs.items() if k in rattle_keys}
-    )
+    structures = rattled_silicon(n_rattled, repeat, seed=seed, **{k: v for k, v in kwargs.items() if k in rattle_keys})
     structures += thermal_silicon(
         n_thermal, potential, repeat, seed=seed, **{k: v for k, v in kwargs.items() if k in thermal_keys}
     )

@@ -82,9 +82,7 @@ def prepare(model, structures: Sequence, dtype: torch.dtype, device=None) -> lis
         atoms, energy, forces = _labels(item, index)
         batch = Batch.from_ase(atoms, device=device, dtype=dtype)
         edges = model.neighbors(batch) if isinstance(model, Potential) else None
-        out.append(
-            LabelledStructure(batch, edges, energy, torch.as_tensor(forces, dtype=dtype, device=device))
-        )
+        out.append(LabelledStructure(batch, edges, energy, torch.as_tensor(forces, dtype=dtype, device=device)))
     return out
 
 
@@ -223,15 +221,10 @@ def fit_forces(
         permutation = torch.randperm(len(train_items), generator=generator).tolist()
         total, n_steps = 0.0, 0
         for start in range(0, len(permutation), batch_size):
-            batch, edges, energies, forces = collate(
-                [train_items[k] for k in permutation[start : start + batch_size]]
-            )
+            batch, edges, energies, forces = collate([train_items[k] for k in permutation[start : start + batch_size]])
             predicted_energy, predicted_forces = energy_forces(model, batch, edges=edges, create_graph=True)
             loss = force_weight * (predicted_forces - forces).pow(2).mean()
-            loss = (
-                loss
-                + energy_weight * ((predicted_energy - energies) / batch.n_atoms_per_system).pow(2).mean()
-            )
+            loss = loss + energy_weight * ((predicted_energy - energies) / batch.n_atoms_per_system).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
