@@ -1,15 +1,28 @@
 """Brute-force periodic neighbor list in plain PyTorch: the oracle for the cell-list kernels.
 
-O(N^2 x images) per structure; meant for tests and small systems, not for production.
+Every pair (i, j) of a structure is tested against every periodic image in a box that provably contains all
+images within the cutoff; nothing is binned or pruned. O(N^2 x images) per structure (vectorized over images
+in chunks), meant for tests and small systems, not for production.
+
+The per-pair test is the one the kernels and the edge-vector op use, term by term in the input dtype:
+``v = ((x_j - x_i) + S_0 c_0) + S_1 c_1) + S_2 c_2``, ``|v| = sqrt((v_0² + v_1²) + v_2²) < cutoff``, so a pair
+is in the list exactly when the distance a potential will compute for it is below the cutoff.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
-__all__ = ["neighbor_list_reference", "complete_cell", "sort_edges"]
+__all__ = ["neighbor_list_reference", "complete_cell", "sort_edges", "validate_structures"]
+
+# Same threshold as Batch.validate and the kernels: |a x b| / (|a||b|) or |det| / (|a||b||c|) below this is
+# a singular cell.
+_DEGENERATE_CELL_RATIO = 1e-8
+# Candidate (i, j, image) triples evaluated at once.
+_CHUNK = 1 << 18
 
 
 def complete_cell(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
@@ -47,42 +60,92 @@ def sort_edges(edge_index: torch.Tensor, shifts: torch.Tensor) -> tuple[torch.Te
     return edge_index[:, order], shifts[order]
 
 
+def validate_structures(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, counts: list[int]) -> None:
+    """Raise ``ValueError`` naming the first structure (and atom) the neighbor list cannot handle.
+
+    Non-finite positions or cell entries, a zero lattice vector on a periodic axis, or linearly dependent
+    periodic lattice vectors. The compiled kernels check the same things with the same messages.
+    """
+    for s, count in enumerate(counts):
+        if count < 0:
+            raise ValueError(f"gdeq_ext.neighbor_list: structure {s}: n_atoms_per_system is negative ({count})")
+    if sum(counts) != positions.shape[0]:
+        raise ValueError(
+            f"gdeq_ext.neighbor_list: n_atoms_per_system sums to {sum(counts)} but positions has "
+            f"{positions.shape[0]} rows"
+        )
+    start = 0
+    for s, count in enumerate(counts):
+        where = f"gdeq_ext.neighbor_list: structure {s}: "
+        c, p = cell[s].detach().double().cpu(), pbc[s].cpu()
+        if not bool(torch.isfinite(c).all()):
+            raise ValueError(where + "the cell has non-finite (NaN or inf) entries")
+        lengths = c.norm(dim=1)
+        for axis in range(3):
+            if bool(p[axis]) and float(lengths[axis]) == 0.0:
+                raise ValueError(where + f"axis {axis} is periodic but its lattice vector is zero")
+        rows = c[p]
+        if rows.shape[0] == 2:
+            ratio = float(torch.linalg.cross(rows[0], rows[1]).norm() / lengths[p].prod())
+        elif rows.shape[0] == 3:
+            ratio = float(torch.linalg.det(rows).abs() / lengths.prod())
+        else:
+            ratio = 1.0
+        if not ratio >= _DEGENERATE_CELL_RATIO:
+            raise ValueError(
+                where + "the periodic lattice vectors are linearly dependent (singular or degenerate cell)"
+            )
+        bad = (~torch.isfinite(positions[start : start + count])).any(dim=1).nonzero().flatten()
+        if bad.numel():
+            raise ValueError(where + f"atom {int(bad[0])} has a non-finite (NaN or inf) position")
+        start += count
+
+
+def _empty(device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(0, 3, dtype=torch.long, device=device)
+
+
 def _structure_pairs(
     positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, cutoff: float, full: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n = positions.shape[0]
     device = positions.device
     if n == 0:
-        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(0, 3, dtype=torch.long, device=device)
-    lattice = complete_cell(cell, pbc)
+        return _empty(device)
+    # Wrapping only bounds the images to try: with fractional coordinates f = o + fw (o integer on periodic
+    # axes, fw in [0, 1)), the pair (i, j, S) has fractional separation fw_j - fw_i + n with n = S - o_i + o_j,
+    # and |separation_k| <= |r| |b_k| (b_k: reciprocal vector k) for |r| < cutoff, so |n_k| <= cutoff |b_k| + 1.
+    lattice = complete_cell(cell.double(), pbc)
     inverse = torch.linalg.inv(lattice)
-    fractional = positions @ inverse
-    offset = torch.where(pbc, torch.floor(fractional), torch.zeros_like(fractional))
-    wrapped = positions - offset @ lattice
-    # |f_k| of any vector r is at most |r| |b_k| (b_k: k-th reciprocal vector); wrapped fractional
-    # differences add at most one more cell.
-    reach = torch.ceil(cutoff * inverse.norm(dim=0)).long() + 1
-    ranges = [range(-int(reach[k]), int(reach[k]) + 1) if bool(pbc[k]) else range(0, 1) for k in range(3)]
+    fractional = positions.double() @ inverse
+    offset = torch.where(pbc, torch.floor(fractional), torch.zeros_like(fractional)).long()
+    reach = [int(math.ceil(cutoff * float(inverse[:, k].norm()))) + 1 if bool(pbc[k]) else 0 for k in range(3)]
+    images = torch.tensor(
+        list(itertools.product(*[range(-r, r + 1) for r in reach])), dtype=torch.long, device=device
+    )  # (M, 3)
 
-    i_all, j_all, s_all = [], [], []
     ii, jj = torch.meshgrid(torch.arange(n, device=device), torch.arange(n, device=device), indexing="ij")
     ii, jj = ii.flatten(), jj.flatten()
-    base = wrapped[jj] - wrapped[ii]
-    for shift in itertools.product(*ranges):
-        shift_t = torch.tensor(shift, dtype=positions.dtype, device=device)
-        r = base + shift_t @ lattice
-        keep = r.norm(dim=1) < cutoff
-        if all(s == 0 for s in shift):
-            keep &= ii != jj
-        if not keep.any():
-            continue
-        i_sel, j_sel = ii[keep], jj[keep]
-        true_shift = torch.tensor(shift, device=device).long() + offset[i_sel].long() - offset[j_sel].long()
-        i_all.append(i_sel)
-        j_all.append(j_sel)
-        s_all.append(true_shift)
-    if not i_all:
-        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(0, 3, dtype=torch.long, device=device)
+    pair_offset = offset[ii] - offset[jj]  # S = n + o_i - o_j
+    dx = positions[jj] - positions[ii]  # (P, 3), input dtype
+    cutoff_t = torch.tensor(cutoff, dtype=positions.dtype, device=device)
+    per_chunk = max(1, _CHUNK // ii.numel())
+    i_all, j_all, s_all = [], [], []
+    for first in range(0, images.shape[0], per_chunk):
+        shift = pair_offset[:, None, :] + images[None, first : first + per_chunk, :]  # (P, m, 3)
+        s = shift.to(positions.dtype)
+        # The exact test, one rounding per operation in the input dtype (no fused multiply-add).
+        v = dx[:, None, :] + s[..., 0:1] * cell[0]
+        v = v + s[..., 1:2] * cell[1]
+        v = v + s[..., 2:3] * cell[2]
+        norm2 = v[..., 0] * v[..., 0] + v[..., 1] * v[..., 1]
+        norm2 = norm2 + v[..., 2] * v[..., 2]
+        keep = torch.sqrt(norm2) < cutoff_t
+        keep &= ~((ii == jj)[:, None] & (shift == 0).all(dim=-1))  # the atom itself
+        pair, image = keep.nonzero(as_tuple=True)
+        i_all.append(ii[pair])
+        j_all.append(jj[pair])
+        s_all.append(shift[pair, image])
     i_cat, j_cat, s_cat = torch.cat(i_all), torch.cat(j_all), torch.cat(s_all)
     if not full:
         # A self-image pair (i, i, S) is the same pair as (i, i, -S): keep the one whose first
@@ -104,24 +167,36 @@ def neighbor_list_reference(
     """All pairs closer than ``cutoff`` (strictly), by brute force over every needed periodic image.
 
     Args:
-        positions: (n_atoms, 3) float, Å; atoms may lie outside the cell.
-        cell: (n_systems, 3, 3) float, rows are lattice vectors in Å (zero rows allowed on non-periodic axes).
+        positions: (n_atoms, 3) float32/float64, Å; atoms may lie anywhere (outside the cell too).
+        cell: (n_systems, 3, 3), same dtype, rows are lattice vectors in Å (any rows, zero included, on
+            non-periodic axes).
         pbc: (n_systems, 3) bool.
         n_atoms_per_system: (n_systems,) int64.
-        cutoff: Å, > 0.
-        full: both (i, j) and (j, i) when True; each unordered pair once when False.
+        cutoff: Å, finite and > 0.
+        full: both (i, j) and (j, i) when True; each unordered pair once (i < j, and for self-images
+            (i, i, S) the S whose first non-zero component is positive) when False.
 
     Returns:
         edge_index: (2, E) int64, global atom indices (i, j), sorted by i, then j, then shift.
-        shifts: (E, 3) int64 so that r_ij = x_j - x_i + shifts @ cell[system[i]].
+        shifts: (E, 3) int64 so that r_ij = x_j - x_i + shifts @ cell[system[i]]. Self pairs (i, i, 0) are
+        excluded, self-images (i, i, S != 0) included.
+
+    Raises:
+        ValueError: bad cutoff, or a structure with non-finite positions, a non-finite or singular cell;
+        the message names the structure (and atom).
     """
-    if not cutoff > 0:
-        raise ValueError(f"cutoff must be positive and finite, got {cutoff}")
+    cutoff = float(cutoff)
+    if not (math.isfinite(cutoff) and cutoff > 0):
+        raise ValueError(f"gdeq_ext.neighbor_list: cutoff must be positive and finite, got {cutoff}")
+    counts = [int(c) for c in n_atoms_per_system.tolist()]
+    validate_structures(positions, cell, pbc, counts)
     edges, shifts = [], []
     start = 0
-    for s, count in enumerate(n_atoms_per_system.tolist()):
-        e, sh = _structure_pairs(positions[start : start + count], cell[s], pbc[s], float(cutoff), full)
+    for s, count in enumerate(counts):
+        e, sh = _structure_pairs(positions[start : start + count], cell[s], pbc[s], cutoff, full)
         edges.append(e + start)
         shifts.append(sh)
         start += count
+    if not edges:
+        return _empty(positions.device)
     return sort_edges(torch.cat(edges, dim=1), torch.cat(shifts))

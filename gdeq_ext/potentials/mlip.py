@@ -17,25 +17,41 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from gdeq_ext._extension import warn_fallback
 from gdeq_ext.data.batch import Batch
 from gdeq_ext.neighbors.edge_vectors import edge_vectors
 from gdeq_ext.potentials.base import Edges, Potential
+from gdeq_ext.potentials.edge_moments_op import edge_moments_fused, has_fused_kernels
 from gdeq_ext.potentials.input_checks import check_finite, check_overlaps, check_species, species_index_table
 from gdeq_ext.potentials.io import SaveLoadMixin
 from gdeq_ext.potentials.mlip_reference import edge_moments_padded, moment_invariants
 
-__all__ = ["MLIP", "edge_moments"]
+__all__ = ["BACKENDS", "MLIP", "edge_moments"]
+
+BACKENDS = ("fused", "reference")
 
 
 def edge_moments(
-    vectors: torch.Tensor, edge_index: torch.Tensor, u: torch.Tensor, weights: torch.Tensor, cutoff: float
+    vectors: torch.Tensor,
+    edge_index: torch.Tensor,
+    u: torch.Tensor,
+    weights: torch.Tensor,
+    cutoff: float,
+    backend: str = "fused",
 ) -> torch.Tensor:
-    """The MLIP's edge op, (n_atoms, C, 10): the dispatch point for the fused kernel of issue #5.
+    """The MLIP's edge op, (n_atoms, C, 10): the dispatch point for the fused kernels of issue #5.
 
-    Same arguments and result as :func:`gdeq_ext.potentials.mlip_reference.edge_moments_reference`;
-    until a compiled kernel exists it runs the faster plain-PyTorch form of the same sum,
-    :func:`~gdeq_ext.potentials.mlip_reference.edge_moments_padded`.
+    Same arguments and result as :func:`gdeq_ext.potentials.mlip_reference.edge_moments_reference`.
+    ``backend="fused"`` runs the compiled kernels (:mod:`gdeq_ext.potentials.edge_moments_op`) when they are
+    built for the tensors' device, and otherwise falls back, with one warning, to ``"reference"``: the
+    plain-PyTorch form of the same sum, :func:`~gdeq_ext.potentials.mlip_reference.edge_moments_padded`.
     """
+    if backend == "fused":
+        if has_fused_kernels(vectors.device):
+            return edge_moments_fused(vectors, edge_index, u, weights, cutoff)
+        warn_fallback("edge_moments")
+    elif backend != "reference":
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return edge_moments_padded(vectors, edge_index, u, weights, cutoff)
 
 
@@ -49,8 +65,11 @@ class InteractionLayer(nn.Module):
         self.radial_weights = nn.Parameter(torch.randn(n_radial, channels) / n_radial**0.5)
         self.update = nn.Sequential(nn.Linear(3 * channels, hidden), nn.SiLU(), nn.Linear(hidden, features))
 
-    def forward(self, h: torch.Tensor, vectors: torch.Tensor, edge_index: torch.Tensor, cutoff: float):
-        moments = edge_moments(vectors, edge_index, self.channel_projection(h), self.radial_weights, cutoff)
+    def forward(
+        self, h: torch.Tensor, vectors: torch.Tensor, edge_index: torch.Tensor, cutoff: float, backend: str = "fused"
+    ):
+        u = self.channel_projection(h)
+        moments = edge_moments(vectors, edge_index, u, self.radial_weights, cutoff, backend)
         return h + self.update(moment_invariants(moments))
 
 
@@ -67,6 +86,9 @@ class MLIP(SaveLoadMixin, Potential):
         n_layers: interaction layers (default 2).
         hidden: hidden width of each update MLP and of the readout (default 64).
         seed: seed of the initial weights (default 0; None uses the global RNG).
+        backend: ``"fused"`` (default: the compiled edge kernels, or the reference with one warning when
+            they are not built for the device) or ``"reference"`` (plain PyTorch). Settable later
+            (``model.backend = "reference"``); saved with the hyperparameters. Results agree to round-off.
 
     Parameters are created in torch's default dtype and follow ``.to(dtype)``; :meth:`energy` requires
     the batch in the model's dtype. Energies (n_systems,) in eV, forces in eV/Å (autograd).
@@ -82,6 +104,7 @@ class MLIP(SaveLoadMixin, Potential):
         n_layers: int = 2,
         hidden: int = 64,
         seed: int | None = 0,
+        backend: str = "fused",
     ):
         super().__init__()
         self.species = tuple(int(z) for z in species)
@@ -96,20 +119,30 @@ class MLIP(SaveLoadMixin, Potential):
             hidden=int(hidden),
             seed=seed,
         )
+        self.backend = backend  # validated, and kept in self.config, by the property below
         self.register_buffer("species_table", species_index_table(self.species), persistent=False)
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
             self.embedding = nn.Embedding(len(self.species), features)
-            self.layers = nn.ModuleList(
-                InteractionLayer(features, channels, n_radial, hidden) for _ in range(n_layers)
-            )
+            self.layers = nn.ModuleList(InteractionLayer(features, channels, n_radial, hidden) for _ in range(n_layers))
             self.readout = nn.Sequential(nn.Linear(features, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         # Per-species energy offset (eV/atom); fit_forces sets it from the data before training.
         self.reference_energy = nn.Parameter(torch.zeros(len(self.species)))
 
     def hyperparameters(self) -> dict:
         return dict(self.config)
+
+    @property
+    def backend(self) -> str:
+        """Which implementation of the edge op runs: ``"fused"`` or ``"reference"``."""
+        return self.config["backend"]
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self.config["backend"] = value
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config.items())
@@ -136,7 +169,7 @@ class MLIP(SaveLoadMixin, Potential):
 
         h = self.embedding(species)
         for layer in self.layers:
-            h = layer(h, vectors, edge_index, self.cutoff)
+            h = layer(h, vectors, edge_index, self.cutoff, self.backend)
         return self.readout(h).squeeze(-1) + self.reference_energy[species]
 
     def energy(self, batch: Batch, edges: Edges | None = None) -> torch.Tensor:
