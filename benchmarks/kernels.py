@@ -21,7 +21,8 @@ Memory:
   CPU  bytes of every tensor autograd saves during the operation (unique storages, counted with
        torch.autograd.graph.saved_tensors_hooks): the memory of the graph, an estimate and not a peak RSS
        (per-operation RSS is noise on a shared machine; benchmarks/memory.py measures subprocess peak RSS).
-Bytes per edge = that memory / the number of edges within the cutoff. Before timing, the fused backend is checked
+Bytes per edge = that memory / the number of edges within the cutoff; "per-edge saved" counts only the saved tensors
+with one row per edge. Before timing, the fused backend is checked
 against the reference (energy, forces, H·v) at every size.
 
 Writes benchmarks/results/kernels.{json,png,md}.
@@ -131,26 +132,36 @@ def time_operation(name: str, case: Case, device: str, budget_s: float) -> tuple
     return {backend: statistics.median(values) for backend, values in samples.items()}, repeats
 
 
-def memory_operation(name: str, case: Case, device: str) -> int:
+def saved_bytes(name: str, case: Case) -> tuple[int, int]:
+    """Bytes of the tensors autograd saves during the operation (unique storages), and the part of it held by
+    per-edge tensors (first dimension = the number of edges): what the fused kernels are designed to shrink."""
+    storages, per_edge = {}, {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), str(t.device))
+        storages[key] = storage.nbytes()
+        if t.dim() >= 1 and t.shape[0] == case.n_edges:
+            per_edge[key] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run_operation(name, case)
+    return int(sum(storages.values())), int(sum(per_edge.values()))
+
+
+def memory_operation(name: str, case: Case, device: str) -> dict:
+    """memory_bytes (GPU: peak allocation above the start; CPU: autograd-saved bytes) and saved per-edge bytes."""
+    total, per_edge = saved_bytes(name, case)
     if device.startswith("cuda"):
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         result = run_operation(name, case)
         synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
+        total = torch.cuda.max_memory_allocated(device) - before
         del result
-        return int(peak)
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[(storage.data_ptr(), t.device)] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run_operation(name, case)
-    return int(sum(storages.values()))
+    return dict(memory_bytes=int(total), saved_edge_bytes=per_edge)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -190,7 +201,8 @@ def benchmark(args) -> dict:
             for backend in BACKENDS:
                 case.model.backend = backend
                 seconds = times[backend]
-                memory = memory_operation(name, case, device)
+                measured = memory_operation(name, case, device)
+                memory = measured["memory_bytes"]
                 records.append(
                     dict(
                         n_atoms=case.batch.n_atoms,
@@ -201,12 +213,14 @@ def benchmark(args) -> dict:
                         repeats=repeats,
                         memory_bytes=memory,
                         bytes_per_edge=memory / case.n_edges,
+                        saved_edge_bytes_per_edge=measured["saved_edge_bytes"] / case.n_edges,
                         max_rel_error_vs_reference=worst,
                     )
                 )
                 print(
                     f"  {name:14s} {backend:9s} {seconds * 1e3:9.2f} ms  {memory / 2**20:8.2f} MiB "
-                    f"({memory / case.n_edges:7.0f} B/edge)",
+                    f"({memory / case.n_edges:7.0f} B/edge, per-edge tensors saved "
+                    f"{measured['saved_edge_bytes'] / case.n_edges:5.0f} B/edge)",
                     flush=True,
                 )
         del case
@@ -232,6 +246,7 @@ def table(payload: dict) -> str:
         "fused memory",
         "memory ratio",
         "fused B/edge",
+        "per-edge saved B/edge (ref → fused)",
     ]
     rows = []
     keys = dict.fromkeys((r["n_atoms"], r["operation"]) for r in records)
@@ -250,11 +265,16 @@ def table(payload: dict) -> str:
                 f"{fus['memory_bytes'] / 2**20:.2f} MiB",
                 f"{ref['memory_bytes'] / max(fus['memory_bytes'], 1):.1f}x",
                 f"{fus['bytes_per_edge']:.0f}",
+                f"{ref['saved_edge_bytes_per_edge']:.0f} → {fus['saved_edge_bytes_per_edge']:.0f}",
             ]
         )
     info = payload["machine"]
     text = f"Measured on {machine_label(info)}, {info['date']}, {payload['dtype']}.\n"
-    text += f"Memory: {payload['memory_kind']}.\n\n"
+    text += f"Memory: {payload['memory_kind']}.\n"
+    text += (
+        "Per-edge saved: bytes per edge of the saved tensors whose first dimension is the number of edges "
+        "(edge list, shifts, vectors; the reference adds its (E, C) filters and messages).\n\n"
+    )
     return text + markdown_table(header, rows)
 
 
