@@ -56,11 +56,15 @@ def _unpack(batch_or_tensors):
     if cell.dim() == 2:  # a single structure
         cell = cell.unsqueeze(0)
     n_systems = cell.shape[0] if cell.dim() == 3 else 1
+    # Python values become device tensors by fill kernels where possible: copying a Python list to a GPU
+    # synchronizes the host.
     if counts is None:
         if n_systems != 1:
             raise ValueError(f"n_atoms_per_system is required for {n_systems} cells")
-        counts = [positions.shape[0]]
+        counts = torch.full((1,), positions.shape[0], dtype=torch.int64, device=device)
     counts = _tensor(counts, device)
+    if isinstance(pbc, bool):
+        pbc = torch.full((n_systems, 3), pbc, dtype=torch.bool, device=device)
     pbc = _tensor(pbc, device)
     if pbc.dim() <= 1:
         pbc = pbc.to(torch.bool).expand(n_systems, 3)
