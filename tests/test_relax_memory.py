@@ -3,7 +3,8 @@
 Bytes are counted with ``saved_tensors_hooks``: every tensor autograd saves for backward is wrapped in a
 holder kept in a WeakSet, so after the forward pass the live holders are exactly the tensors the
 retained graph keeps (temporary graphs, such as the force evaluations inside FIRE or the graph of a
-recomputed window step, are freed and drop out). Unique storages are summed, so a tensor saved by several nodes counts once.
+recomputed window step, are freed and drop out). Unique storages are summed, so a tensor saved by several
+nodes counts once.
 """
 
 from __future__ import annotations
