@@ -314,6 +314,9 @@ def plot(records: list[dict], info: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    # colour: the mode; line style: the backend (solid reference, dashed fused)
+    modes = list(dict.fromkeys(r["label"].rsplit(" (", 1)[0] for r in records))
+    colours = plt.get_cmap("tab10")
     for label in dict.fromkeys(r["label"] for r in records):
         points = sorted(
             (r["steps_T"], r["peak_bytes"])
@@ -321,7 +324,10 @@ def plot(records: list[dict], info: dict, path: Path) -> None:
             if r["label"] == label and r["steps_T"] and "peak_bytes" in r
         )
         if points:
-            ax.plot(*zip(*[(t, b / 2**20) for t, b in points], strict=True), marker="o", label=label)
+            mode = label.rsplit(" (", 1)[0]
+            style = "--" if label.endswith("(fused)") else "-"
+            xs, ys = zip(*[(t, b / 2**20) for t, b in points], strict=True)
+            ax.plot(xs, ys, style, marker="o", color=colours(modes.index(mode) % 10), label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("relaxation length T (steps)")
