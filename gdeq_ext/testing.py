@@ -29,22 +29,13 @@ def tol(dtype: torch.dtype, kind: str = "exact") -> dict[str, float]:
     return TOLERANCES[dtype][kind]
 
 
-def devices() -> list:
-    """``["cpu", "cuda"]`` for ``pytest.mark.parametrize``; the CUDA entry is skipped, with a reason, without a GPU."""
-    return [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[
-                pytest.mark.cuda,
-                pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible"),
-            ],
-        ),
-    ]
-
-
 def requires_cuda():
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+
+
+def devices() -> list:
+    """``["cpu", "cuda"]`` for ``pytest.mark.parametrize``; the CUDA entry is skipped, with a reason, without a GPU."""
+    return ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda()])]
 
 
 def stable_seed(*parts) -> int:

@@ -264,3 +264,17 @@ def test_non_periodic_cluster_projects_rotations(kit, morse):
                 p -= sign * 1e-5 * d
     fd = (values[0] - values[1]) / 2e-5
     assert abs(float(grads @ v) - fd) <= 1e-5 * abs(fd), (float(grads @ v), fd)
+
+
+def test_second_backward_through_a_window_says_how(sw_like, si_sheared):
+    reference = si_sheared.positions + 0.05
+    loss = delta_q(BPTTRelax(sw_like, steps=2)(si_sheared).positions, reference, si_sheared).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="a second time"):
+        loss.backward()
+    checkpointed = BPTTRelax(sw_like, steps=2, checkpoint=True)(si_sheared).positions
+    loss = delta_q(checkpointed, reference, si_sheared).sum()
+    first = torch.autograd.grad(loss, list(sw_like.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(sw_like.parameters()))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)

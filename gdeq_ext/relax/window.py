@@ -80,6 +80,7 @@ def run_window(
     force_fn = default_force_fn(force_fn)
 
     def advance(x: torch.Tensor, edges, step: int, check: bool) -> torch.Tensor:
+        # check: only when the step is first taken; a backward-time recomputation repeats the same numbers
         _, forces = force_fn(potential, batch.with_positions(x), edges, create_graph=True)
         if check:
             check_finite(forces, batch, step, where="differentiated window")
@@ -90,7 +91,7 @@ def run_window(
     states: list[torch.Tensor] = []
     for t in range(steps):
         edges = edges_for(verlet, batch.with_positions(x))
-        x = _WindowStep.apply(lambda y, e=edges, s=t: advance(y, e, s, True), checkpoint, x, *parameters)
+        x = _WindowStep.apply(lambda y, check, e=edges, s=t: advance(y, e, s, check), checkpoint, x, *parameters)
         states.append(x)
     return tuple(states)
 
@@ -98,17 +99,17 @@ def run_window(
 class _WindowStep(torch.autograd.Function):
     """X_{t+1} = step(X_t) as one autograd node: ``apply(step, recompute, x, *parameters)``.
 
-    ``step(x)`` computes X_{t+1} with its graph to ``x`` and to ``parameters`` (listed so that autograd routes
+    ``step(x, check)`` computes X_{t+1} with its graph to ``x`` and to ``parameters`` (listed so that autograd routes
     their gradients through this node). ``recompute=False`` keeps that graph from forward; ``recompute=True``
     keeps only X_t and rebuilds the graph in backward.
     """
 
     @staticmethod
     def forward(ctx, step, recompute, x, *parameters):
-        ctx.step, ctx.parameters = step, parameters  # parameters: leaves that live anyway (references)
+        ctx.step, ctx.parameters, ctx.recompute = step, parameters, recompute  # parameters: references to leaves
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
-            out = step(leaf)
+            out = step(leaf, True)
         if recompute:
             ctx.save_for_backward(x)
             ctx.graph = None
@@ -122,10 +123,15 @@ class _WindowStep(torch.autograd.Function):
         needed = ctx.needs_input_grad[3:]
         parameters = [p for p, need in zip(ctx.parameters, needed, strict=True) if need]
         with torch.enable_grad():
-            if ctx.graph is None:
+            if ctx.recompute:
                 (x,) = ctx.saved_tensors
                 leaf = x.detach().requires_grad_(True)
-                out = ctx.step(leaf)
+                out = ctx.step(leaf, False)
+            elif ctx.graph is None:
+                raise RuntimeError(
+                    "backward through a window step a second time: its graph is freed after the first backward "
+                    "(use checkpoint=True with retain_graph=True to differentiate the window twice)"
+                )
             else:
                 leaf, out = ctx.graph
             grads = torch.autograd.grad(out, (leaf, *parameters), grad_output, allow_unused=True)

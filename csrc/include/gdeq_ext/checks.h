@@ -29,4 +29,17 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
               ref.device());
 }
 
+// positions (n_atoms, 3) float32/float64 and cell (n_systems, 3, 3) of the same dtype, on the same device.
+inline void check_positions_and_cell(const at::Tensor& positions, const at::Tensor& cell) {
+  check_dim(positions, "positions", 2);
+  check_size(positions, "positions", 1, 3);
+  check_floating(positions, "positions");
+  check_dim(cell, "cell", 3);
+  check_size(cell, "cell", 1, 3);
+  check_size(cell, "cell", 2, 3);
+  TORCH_CHECK(cell.scalar_type() == positions.scalar_type(), "gdeq_ext: cell has dtype ", cell.scalar_type(),
+              " but positions have ", positions.scalar_type());
+  check_same_device(cell, "cell", positions, "positions");
+}
+
 }  // namespace gdeq_ext

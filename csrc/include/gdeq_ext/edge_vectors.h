@@ -7,14 +7,7 @@ namespace gdeq_ext {
 
 inline void check_edge_vectors_args(const at::Tensor& positions, const at::Tensor& cell, const at::Tensor& edge_index,
                                     const at::Tensor& shifts, const at::Tensor& system) {
-  check_dim(positions, "positions", 2);
-  check_size(positions, "positions", 1, 3);
-  check_floating(positions, "positions");
-  check_dim(cell, "cell", 3);
-  check_size(cell, "cell", 1, 3);
-  check_size(cell, "cell", 2, 3);
-  TORCH_CHECK(cell.scalar_type() == positions.scalar_type(), "gdeq_ext: cell has dtype ", cell.scalar_type(),
-              " but positions have ", positions.scalar_type());
+  check_positions_and_cell(positions, cell);
   check_dim(edge_index, "edge_index", 2);
   check_size(edge_index, "edge_index", 0, 2);
   check_dtype(edge_index, "edge_index", at::kLong);
@@ -25,7 +18,6 @@ inline void check_edge_vectors_args(const at::Tensor& positions, const at::Tenso
   check_dim(system, "system", 1);
   check_size(system, "system", 0, positions.size(0));
   check_dtype(system, "system", at::kLong);
-  check_same_device(cell, "cell", positions, "positions");
   check_same_device(edge_index, "edge_index", positions, "positions");
   check_same_device(shifts, "shifts", positions, "positions");
   check_same_device(system, "system", positions, "positions");

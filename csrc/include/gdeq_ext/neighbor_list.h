@@ -474,14 +474,7 @@ inline std::string error_message(int code, int64_t structure, int64_t detail) {
 // ------------------------------------------------------------------------------------------ arguments
 inline void check_neighbor_list_args(const at::Tensor& positions, const at::Tensor& cell, const at::Tensor& pbc,
                                      const at::Tensor& n_atoms_per_system, double cutoff) {
-  check_dim(positions, "positions", 2);
-  check_size(positions, "positions", 1, 3);
-  check_floating(positions, "positions");
-  check_dim(cell, "cell", 3);
-  check_size(cell, "cell", 1, 3);
-  check_size(cell, "cell", 2, 3);
-  TORCH_CHECK(cell.scalar_type() == positions.scalar_type(), "gdeq_ext: cell has dtype ", cell.scalar_type(),
-              " but positions have ", positions.scalar_type());
+  check_positions_and_cell(positions, cell);
   check_dim(pbc, "pbc", 2);
   check_size(pbc, "pbc", 0, cell.size(0));
   check_size(pbc, "pbc", 1, 3);
@@ -489,7 +482,6 @@ inline void check_neighbor_list_args(const at::Tensor& positions, const at::Tens
   check_dim(n_atoms_per_system, "n_atoms_per_system", 1);
   check_size(n_atoms_per_system, "n_atoms_per_system", 0, cell.size(0));
   check_dtype(n_atoms_per_system, "n_atoms_per_system", at::kLong);
-  check_same_device(cell, "cell", positions, "positions");
   check_same_device(pbc, "pbc", positions, "positions");
   check_same_device(n_atoms_per_system, "n_atoms_per_system", positions, "positions");
   TORCH_CHECK_VALUE(std::isfinite(cutoff) && cutoff > 0, "gdeq_ext.neighbor_list: cutoff must be positive and "
