@@ -1,6 +1,7 @@
 """Potentials: the common interface, the Stillinger-Weber teacher and the learned MLIP."""
 
 from gdeq_ext.potentials.base import Edges, Potential, energy_forces, hessian_vector_product
+from gdeq_ext.potentials.force_function import force, recomputed_forces
 from gdeq_ext.potentials.mlip import MLIP, edge_moments
 from gdeq_ext.potentials.mlip_reference import edge_moments_padded, edge_moments_reference
 from gdeq_ext.potentials.stillinger_weber import SW_SILICON, StillingerWeber
@@ -15,5 +16,7 @@ __all__ = [
     "edge_moments_padded",
     "edge_moments_reference",
     "energy_forces",
+    "force",
     "hessian_vector_product",
+    "recomputed_forces",
 ]
