@@ -9,6 +9,8 @@ warning, when the extension is not built.
 from gdeq_ext._extension import HAVE_EXTENSION, ExtensionVersionError, build_info
 from gdeq_ext._version import __version__
 from gdeq_ext.data import Batch, BatchValidationError
+from gdeq_ext.data.silicon_defects import silicon_defects
+from gdeq_ext.diagnose import diagnose
 from gdeq_ext.loss import delta_q
 from gdeq_ext.neighbors import edge_vectors, edge_vectors_reference, neighbor_list, neighbor_list_reference
 from gdeq_ext.potentials import MLIP, StillingerWeber
@@ -33,3 +35,4 @@ __all__ = [
     "RelaxResult",
     "delta_q",
 ]
+__all__ += ["diagnose", "silicon_defects"]

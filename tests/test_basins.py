@@ -1,0 +1,83 @@
+"""End-structure matching: invariant to atom order, net translation (and rotation for clusters); separates basins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gdeq_ext.data.basins import label_basins, minimum_image_vectors, same_basin, structure_distance
+from gdeq_ext.train.data import diamond_silicon
+
+
+def test_permuted_translated_copy_is_the_same_structure():
+    atoms = diamond_silicon((2, 2, 2))
+    rng = np.random.default_rng(0)
+    first = atoms.get_positions() + rng.normal(0, 0.05, (len(atoms), 3))
+    order = rng.permutation(len(atoms))
+    # a small net translation plus whole lattice vectors (wrapped away by the minimum image)
+    second = first[order] + np.array([0.3, -0.2, 0.15]) + atoms.cell.array[0] - 2 * atoms.cell.array[2]
+    match = structure_distance(first, second, atoms.cell.array, True)
+    assert match.max_deviation < 1e-9
+    np.testing.assert_array_equal(order[match.permutation], np.arange(len(atoms)))
+    assert same_basin(first, second, atoms.cell.array, True)
+
+
+def test_distinct_vacancy_basins_are_far_apart_and_identity_swap_is_ignored():
+    from gdeq_ext.data.silicon_defects import make_start, teacher_relax
+
+    # inward breathing 0.20 Å relaxes to the open vacancy, 0.35 Å to the reconstructed one (METHOD.md §3)
+    starts = []
+    for inward in (0.20, 0.35):
+        atoms = diamond_silicon((2, 2, 2))
+        site = atoms.get_positions()[0].copy()
+        d = atoms.get_positions() - site
+        d -= np.round(d / atoms.cell.lengths()) * atoms.cell.lengths()
+        neighbours = np.argsort(np.linalg.norm(d, axis=1))[1:5]
+        positions = atoms.get_positions()
+        positions[neighbours] -= inward * d[neighbours] / np.linalg.norm(d[neighbours], axis=1, keepdims=True)
+        atoms.set_positions(positions)
+        del atoms[0]
+        starts.append(atoms)
+    ends = teacher_relax(starts)
+    cell = starts[0].cell.array
+    match = structure_distance(ends[0]["positions"], ends[1]["positions"], cell, True)
+    assert match.max_deviation > 0.4  # measured 0.56 Å on the four neighbours
+    assert not same_basin(ends[0]["positions"], ends[1]["positions"], cell, True)
+    # an interstitial end state with two atoms' labels swapped is the same structure
+    start = make_start("tetrahedral_kick", 64, seed=0, index=0)
+    (end,) = teacher_relax([start])
+    swapped = end["positions"].copy()
+    swapped[[0, -1]] = swapped[[-1, 0]]
+    assert structure_distance(end["positions"], swapped, start.cell.array, True).max_deviation < 1e-9
+
+
+def test_cluster_rotation_is_removed_when_no_axis_is_periodic():
+    rng = np.random.default_rng(1)
+    cluster = rng.normal(0, 2.0, (13, 3))
+    angle = 0.3
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    order = rng.permutation(13)
+    moved = (cluster @ rotation.T + 5.0)[order]
+    match = structure_distance(cluster, moved, None, False)
+    assert match.max_deviation < 1e-8
+    # without rotation removal the same pair differs
+    assert structure_distance(cluster, moved, None, False, rotate=False).max_deviation > 0.1
+
+
+def test_minimum_image_in_a_skewed_cell_matches_brute_force():
+    cell = np.array([[4.0, 0, 0], [3.6, 2.0, 0], [0, 0, 5.0]])  # strongly sheared
+    rng = np.random.default_rng(2)
+    vectors = rng.uniform(-8, 8, (50, 3))
+    ours = minimum_image_vectors(vectors, cell, [True, True, False])
+    shifts = np.array([[i, j, 0] for i in range(-6, 7) for j in range(-6, 7)]) @ cell
+    brute = vectors[:, None, :] + shifts[None]
+    best = brute[np.arange(50), np.argmin(np.linalg.norm(brute, axis=2), axis=1)]
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), np.linalg.norm(best, axis=1), atol=1e-12)
+
+
+def test_label_basins_clusters_energies_per_group():
+    energies = [4.337, 2.835, 4.3372, 4.264, 5.189, 4.615]
+    groups = ["v", "v", "v", "v", "i", "i"]
+    assert label_basins(energies, groups) == [2, 0, 2, 1, 1, 0]
+    with pytest.raises(KeyError):
+        same_basin(np.zeros((1, 3)), np.zeros((1, 3)), None, False, metric="nope")
