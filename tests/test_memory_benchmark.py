@@ -45,12 +45,17 @@ def test_memory_benchmark_quick_reports_every_mode(tmp_path):
     report = json.loads(output.with_suffix(".json").read_text())
     records = report["records"]
     modes = {r["mode"] for r in records}
-    assert modes == {"force-step", "bptt", "bptt-checkpoint", "implicit", "hybrid"}
+    assert modes == {"force-step", "bptt", "bptt-force", "bptt-checkpoint", "implicit", "hybrid"}
     measured = [r for r in records if r["backend"] == "reference"]
-    assert all("peak_bytes" in r and r["peak_bytes"] > 0 for r in measured), [r for r in measured if "error" in r]
+    # After the warm-up a tiny step may add no resident page at all; what must hold is that each was measured
+    # and that a stored BPTT graph, the one thing that grows, is seen.
+    assert all("peak_bytes" in r and r["peak_bytes"] >= 0 for r in measured), [r for r in measured if "error" in r]
+    assert all(r["peak_bytes"] > 0 for r in measured if r["mode"] == "bptt")
     assert {r["steps_T"] for r in measured if r["mode"] == "implicit"} == {6, 0}  # fixed length and converged
     for r in records:  # every fused configuration is either measured or says why not
         assert "peak_bytes" in r or "skipped" in r or "error" in r
     assert report["machine"]["cpu"]
     assert output.with_suffix(".png").stat().st_size > 0
-    assert "BPTT (reference)" in output.with_suffix(".md").read_text()
+    markdown = output.with_suffix(".md").read_text()
+    assert "BPTT (reference)" in markdown and "BPTT force Function (fused)" in markdown
+    assert "Goals of the benchmark" in markdown

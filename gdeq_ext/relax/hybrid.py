@@ -25,14 +25,17 @@ class HybridRelax(ImplicitRelax):
 
     The cotangent g = dL/dX* enters the window at X_K scaled by β = ``handoff``; β = 0 or K = 0 gives
     exactly :class:`ImplicitRelax`'s gradient. The window states are returned (``RelaxResult.window``)
-    with their graph so a guidance loss can be added on them. Memory: O(K) window + O(1).
+    with their graph so a guidance loss can be added on them. Memory: K node-level window states + O(1): by
+    default each window step keeps only X_t and rebuilds its graph in backward (one more force evaluation per
+    window step, a few percent of a relaxation), so the peak is one step's graph, not K of them.
 
     Args:
         potential: any module mapping a Batch to energies (n_systems,) eV.
         window: K >= 0 differentiated steps (default 10).
         fmax, max_steps: FIRE tolerance (eV/Å, default 0.01) and step limit after the window (default 1000).
         handoff: β (default 1.0).
-        checkpoint: recompute each window step's graph in backward (default False); bit-identical.
+        checkpoint: recompute each window step's graph in backward (default True); ``False`` stores the K graphs
+            (faster backward, O(K) graphs of memory); the gradients are bit-identical.
         alpha: Å²/eV window step (default 0.01); maxstep: Å per-atom cap (default 0.2).
         the remaining keyword arguments: as :class:`ImplicitRelax` (solver, rtol, atol, max_iter, damping,
             project_rotations, fixed_point_alpha, fire, skin, force_fn, parameters, warn).
@@ -48,7 +51,7 @@ class HybridRelax(ImplicitRelax):
         fmax: float = 0.01,
         max_steps: int = 1000,
         handoff: float = 1.0,
-        checkpoint: bool = False,
+        checkpoint: bool = True,
         alpha: float = 0.01,
         maxstep: float = 0.2,
         solver: str = "cg",
