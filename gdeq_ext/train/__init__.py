@@ -21,3 +21,23 @@ __all__ = [
     "silicon_dataset",
     "thermal_silicon",
 ]
+
+from gdeq_ext.train.config import Config, ConfigError, load_config  # noqa: E402 (issue #9: training through relaxations)
+from gdeq_ext.train.relaxation import (  # noqa: E402
+    RelaxationFitResult,
+    basin_distance,
+    correct_basin,
+    evaluate_relaxation,
+    fit_relaxation,
+)
+
+__all__ += [
+    "Config",
+    "ConfigError",
+    "RelaxationFitResult",
+    "basin_distance",
+    "correct_basin",
+    "evaluate_relaxation",
+    "fit_relaxation",
+    "load_config",
+]

@@ -1,0 +1,279 @@
+"""fit_relaxation and the training command on tiny data: config errors, metrics and files, exact resume,
+export to ASE. 8-atom silicon cells and a tiny MLIP keep every test to seconds on one core."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+
+from gdeq_ext import MLIP, Batch, StillingerWeber
+from gdeq_ext.data import RelaxationPair, RelaxationPairs, write_relaxation_pairs
+from gdeq_ext.relax import fire
+from gdeq_ext.train import (
+    Config,
+    ConfigError,
+    basin_distance,
+    correct_basin,
+    evaluate_relaxation,
+    fit_forces,
+    fit_relaxation,
+    label,
+    load_config,
+    rattled_silicon,
+)
+from gdeq_ext.train.__main__ import main
+from gdeq_ext.train.config import parse_override
+from gdeq_ext.train.relaxation import COLUMNS, find_checkpoint, load_checkpoint
+
+TIMING = {"step_time_s", "wall_time_s", "peak_memory_mib"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_pairs(n: int = 5, seed: int = 0) -> RelaxationPairs:
+    """Rattled 8-atom diamond cells (0.15 Å) and a 7-atom vacancy cell, with their SW-relaxed references."""
+    rng = np.random.default_rng(seed)
+    starts = []
+    for k in range(n):
+        atoms = bulk("Si", "diamond", a=5.431, cubic=True)
+        if k == n - 1:
+            del atoms[0]
+        atoms.positions += rng.normal(0.0, 0.15, atoms.positions.shape)
+        starts.append(atoms)
+    batch = Batch.from_ase(starts, dtype=torch.float64)
+    solved = fire(StillingerWeber(), batch, fmax=1e-4, max_steps=5000)
+    assert bool(solved.converged.all())
+    ranges = batch.ranges()
+    return RelaxationPairs(
+        [RelaxationPair(a, solved.positions[lo:hi].numpy().copy()) for a, (lo, hi) in zip(starts, ranges, strict=True)]
+    )
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return tiny_pairs()
+
+
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory):
+    """A tiny MLIP force-matched to SW for a few epochs (so relaxations under it converge), saved once."""
+    torch.set_num_threads(1)
+    model = MLIP(features=8, channels=4, n_radial=4, n_layers=1, hidden=16).double()
+    fit_forces(model, label(rattled_silicon(8, repeat=(1, 1, 1), seed=3)), epochs=15, lr=1e-2, progress=False)
+    path = tmp_path_factory.mktemp("base") / "base.pt"
+    model.save(path)
+    return path
+
+
+SETTINGS = dict(steps=4, batch_size=3, window=3, max_relax_steps=200, lr=2e-3, eval_every=2, progress=False)
+
+
+def parameters(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def read_rows(path) -> list[dict]:
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_config_files_and_unknown_keys(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[data]\ntrain = "pairs.extxyz"\n[relax]\nmode = "implicit"\n[optim]\nlr = 1\n')
+    config = load_config(toml)
+    assert config.relax.mode == "implicit" and config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.data.train == str(tmp_path / "pairs.extxyz")  # relative to the config file
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("relax:\n  mode: bptt\n  bptt_steps: 7\ntrain:\n  steps: 3\n")
+    config = load_config(yaml)
+    assert (config.relax.mode, config.relax.bptt_steps, config.train.steps) == ("bptt", 7, 3)
+
+    toml.write_text("[relax]\nwindw = 5\n")
+    unknown = r"unknown key relax.windw; did you mean 'window'\? \(\[relax\] keys: mode, window, bptt_steps"
+    with pytest.raises(ConfigError, match=unknown):
+        load_config(toml)
+    toml.write_text("[relaxation]\nwindow = 5\n")
+    with pytest.raises(ConfigError, match=r"unknown section 'relaxation'; did you mean 'relax'"):
+        load_config(toml)
+    toml.write_text('[train]\nsteps = "ten"\n')
+    with pytest.raises(ConfigError, match=r"run.toml: train.steps must be a int, got 'ten'"):
+        load_config(toml)
+    toml.write_text('[relax]\nmode = "unrolled"\n')
+    with pytest.raises(ConfigError, match=r"relax.mode = 'unrolled' is not one of \['bptt', 'implicit', 'hybrid'\]"):
+        load_config(toml)
+    toml.write_text("[optim]\nlr = -1.0\n")
+    with pytest.raises(ConfigError, match=r"optim.lr = -1.0 must be > 0"):
+        load_config(toml)
+    toml.write_text("[optim\nlr = 1\n")
+    with pytest.raises(ConfigError, match=r"not valid TOML"):
+        load_config(toml)
+    with pytest.raises(ConfigError, match=r"unknown setting 'windw'; did you mean 'window'"):
+        Config().update({"windw": 3})
+    assert Config().update({"window": 3, "optim.lr": 0.5}).relax.window == 3
+    assert parse_override("relax.mode=hybrid") == ("relax.mode", "hybrid")
+    assert parse_override("optim.lr=3e-4") == ("optim.lr", 3e-4)
+    assert parse_override("train.output_dir=runs/x") == ("train.output_dir", "runs/x")
+    assert parse_override("relax.max_iter=none") == ("relax.max_iter", None)
+
+
+def test_command_reports_bad_input_clearly(tmp_path, pairs, capsys):
+    data = tmp_path / "pairs.extxyz"
+    write_relaxation_pairs(data, pairs)
+    config = tmp_path / "run.toml"
+    config.write_text('[data]\ntrain = "pairs.extxyz"\n[train]\nbatch_sise = 2\n')
+    assert main([str(config)]) == 2
+    assert "unknown key train.batch_sise; did you mean 'batch_size'?" in capsys.readouterr().err
+    config.write_text('[data]\ntrain = "nothing.extxyz"\n')
+    assert main([str(config)]) == 2
+    assert "relaxation pairs file not found" in capsys.readouterr().err
+    broken = tmp_path / "broken.extxyz"
+    broken.write_text(data.read_text().replace("Si ", "Si x", 1))
+    config.write_text('[data]\ntrain = "broken.extxyz"\n')
+    assert main([str(config)]) == 2
+    assert "broken.extxyz: frame 0 is not valid extended XYZ" in capsys.readouterr().err
+    assert main([str(config), "--set", "relax.mode=unrolled"]) == 2
+    assert "relax.mode = 'unrolled' is not one of" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- basins
+def test_basin_distance_ignores_translation_and_periodic_images():
+    atoms = bulk("Si", "diamond", a=5.431, cubic=True)
+    batch = Batch.from_ase([atoms, atoms], dtype=torch.float64)
+    reference = batch.positions.clone()
+    moved = reference.clone()
+    moved[:8] += torch.tensor([0.7, -0.2, 3.0], dtype=torch.float64)  # a rigid shift of structure 0
+    moved[3] += torch.tensor([5.431, 0.0, -5.431], dtype=torch.float64)  # an atom wrapped into another image
+    moved[8 + 2, 0] += 0.4  # structure 1: one atom off by 0.4 Å
+    distance = basin_distance(moved, reference, batch)
+    expected = math.sqrt(((0.4 - 0.05) ** 2 + 7 * 0.05**2) / 8)  # the mean shift 0.4/8 Å is removed
+    np.testing.assert_allclose(distance.numpy(), [0.0, expected], atol=1e-12)
+    assert correct_basin(moved, reference, batch).tolist() == [True, False]  # default 0.1 Å
+    assert correct_basin(moved, reference, batch, threshold=0.14).tolist() == [True, True]
+
+
+# ---------------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("mode", ["bptt", "implicit", "hybrid"])
+def test_each_mode_trains_and_reports(mode, pairs, base_path):
+    model = MLIP.load(base_path)
+    before = parameters(model)
+    result = fit_relaxation(model, pairs, mode=mode, bptt_steps=20, **{**SETTINGS, "steps": 2, "eval_every": 0})
+    assert result.steps == 2 and len(result.history) == 3  # step 0 (evaluation) + 2 steps
+    assert any(not torch.equal(before[k], v) for k, v in parameters(model).items())
+    row = result.history[-1]
+    assert row["loss"] > 0 and 0 <= row["train_basin_rate"] <= 1 and row["train_fmax"] >= 0
+    assert (row["solver_iterations"] is None) == (mode == "bptt")
+    assert row["relax_steps"] == (20 if mode == "bptt" else row["relax_steps"]) and row["relax_steps"] > 0
+    assert set(result.initial) == {"train"} and result.final["train"]["n"] == len(pairs)
+
+
+def test_outputs_and_export_to_ase(tmp_path, pairs, base_path):
+    from gdeq_ext.ase import GDEQCalculator
+
+    model = MLIP.load(base_path)
+    settings = dict(SETTINGS, checkpoint_every=2)
+    result = fit_relaxation(model, pairs[:3], validation=pairs[3:], output_dir=tmp_path / "run", **settings)
+    rows = read_rows(result.csv_path)
+    assert list(rows[0]) == list(COLUMNS) and [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4]
+    assert [bool(r["val_delta_q"]) for r in rows] == [True, False, True, False, True]
+    assert float(rows[4]["val_delta_q"]) == pytest.approx(result.final["val"]["delta_q"])
+    assert os.path.getsize(result.png_path) > 10_000
+    table = open(result.summary_path).read()
+    assert "| val | after |" in table and "| train | before |" in table and "hybrid K=3" in table
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == [f"step_{k:08d}.pt" for k in (2, 4)]
+
+    loaded = MLIP.load(result.model_path)
+    atoms = pairs[0].start.copy()
+    atoms.calc = GDEQCalculator(loaded)
+    energy, forces = model.energy_forces(Batch.from_ase(atoms, dtype=torch.float64))
+    assert atoms.get_potential_energy() == pytest.approx(float(energy[0]), abs=1e-12)
+    np.testing.assert_allclose(atoms.get_forces(), forces.numpy(), atol=1e-12)
+    assert evaluate_relaxation(loaded, pairs[3:], fmax=0.01, max_steps=200) == result.final["val"]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_crash_mid_run_resumes_bit_for_bit(tmp_path, pairs, base_path):
+    settings = dict(SETTINGS, steps=5, checkpoint_every=2, schedule="cosine", warmup_steps=1)
+    reference = MLIP.load(base_path)
+    uninterrupted = fit_relaxation(reference, pairs, validation=pairs[:2], output_dir=tmp_path / "a", **settings)
+
+    def crash_at_3(step, row):
+        if step == 3:
+            raise Crash("injected failure after step 3")
+
+    model = MLIP.load(base_path)
+    with pytest.raises(Crash):
+        fit_relaxation(model, pairs, validation=pairs[:2], output_dir=tmp_path / "b", callback=crash_at_3, **settings)
+    assert find_checkpoint(tmp_path / "b").endswith("step_00000002.pt")  # step 3 was lost with the crash
+    model = MLIP.load(base_path)  # a fresh process would start from the base again
+    resumed = fit_relaxation(model, pairs, validation=pairs[:2], output_dir=tmp_path / "b", **settings)
+    assert resumed.resumed_from == 2 and resumed.steps == 5
+    for key, value in parameters(reference).items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    a, b = read_rows(uninterrupted.csv_path), read_rows(resumed.csv_path)
+    assert len(a) == len(b) == 6
+    for row_a, row_b in zip(a, b, strict=True):
+        for key in set(COLUMNS) - TIMING:
+            assert row_a[key] == row_b[key], (row_a["step"], key)
+    assert resumed.final == uninterrupted.final and resumed.initial == uninterrupted.initial
+
+    saved = load_checkpoint(find_checkpoint(tmp_path / "b"))
+    assert {"model", "optimizer", "scheduler", "rng", "order", "history", "config"} <= set(saved)
+    with pytest.raises(ConfigError, match=r"cannot resume from .*: relax.window was 3 and is now 4"):
+        fit_relaxation(MLIP.load(base_path), pairs, output_dir=tmp_path / "b", **{**settings, "window": 4})
+    with pytest.raises(FileExistsError, match=r"already holds checkpoints"):
+        fit_relaxation(MLIP.load(base_path), pairs, output_dir=tmp_path / "b", **{**settings, "resume": "never"})
+
+
+def test_sigint_stops_after_a_checkpoint_and_resumes_exactly(tmp_path, pairs, base_path):
+    settings = dict(SETTINGS, steps=3, checkpoint_every=0, eval_every=0, eval_train=False)
+    reference = MLIP.load(base_path)
+    fit_relaxation(reference, pairs, **settings)
+
+    def interrupt_during_step_2(step, row):
+        if step == 1:  # the signal arrives while step 2 runs: the run finishes step 2, checkpoints, stops
+            os.kill(os.getpid(), signal.SIGINT)
+
+    model = MLIP.load(base_path)
+    with pytest.raises(KeyboardInterrupt, match=r"stopped by a signal after step 2"):
+        fit_relaxation(model, pairs, output_dir=tmp_path / "c", callback=interrupt_during_step_2, **settings)
+    assert find_checkpoint(tmp_path / "c").endswith("step_00000002.pt")
+    model = MLIP.load(base_path)
+    result = fit_relaxation(model, pairs, output_dir=tmp_path / "c", **settings)
+    assert result.resumed_from == 2
+    for key, value in parameters(reference).items():
+        assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_command_trains_resumes_and_extends(tmp_path, pairs, base_path, capsys):
+    write_relaxation_pairs(tmp_path / "pairs.extxyz", pairs)
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'[data]\ntrain = "pairs.extxyz"\n[model]\ninit = "{base_path}"\n'
+        "[relax]\nwindow = 2\nmax_relax_steps = 200\n[train]\nsteps = 2\nbatch_size = 5\neval_every = 0\n"
+    )
+    out = tmp_path / "out"
+    assert main([str(config), "--output-dir", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| train | after |" in printed and "GDEQCalculator(MLIP.load(" in printed
+    assert (out / "learning_curves.png").exists() and (out / "model.pt").exists()
+    # The same command with more steps continues from the last checkpoint.
+    assert main([str(config), "--output-dir", str(out), "--no-progress", "--set", "train.steps=3"]) == 0
+    assert "resuming from its latest checkpoint" in capsys.readouterr().out
+    assert [int(r["step"]) for r in read_rows(out / "metrics.csv")] == [0, 1, 2, 3]
