@@ -81,3 +81,66 @@ def test_label_basins_clusters_energies_per_group():
     assert label_basins(energies, groups) == [2, 0, 2, 1, 1, 0]
     with pytest.raises(KeyError):
         same_basin(np.zeros((1, 3)), np.zeros((1, 3)), None, False, metric="nope")
+
+
+@pytest.mark.slow
+def test_basins_benchmark_tiny_end_to_end(tmp_path):
+    """benchmarks/basins.py with two seeds and one step per method writes the JSON, markdown and plot (~45 s)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from gdeq_ext.potentials import MLIP
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "basins.py"
+    model = tmp_path / "mlip.pt"
+    MLIP(features=8, channels=4, n_radial=4, n_layers=1, hidden=8).to(torch.float32).save(model)
+    output = tmp_path / "basins"
+    command = [
+        sys.executable,
+        str(script),
+        "--quick",
+        "--model",
+        str(model),
+        "--n-train",
+        "4",
+        "--n-val",
+        "0",
+        "--n-test",
+        "3",
+        "--seeds",
+        "2",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--windows",
+        "2",
+        "--variant-window",
+        "2",
+        "--bptt-steps",
+        "3",
+        "--max-steps",
+        "30",
+        "--output",
+        str(output),
+        "--device",
+        "cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GDEQ_EXT_CACHE": str(tmp_path)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(output.with_suffix(".json").read_text())
+    assert report["n_test"] == 3 and report["machine"]["cpu"]
+    assert set(report["methods"]) == {"BPTT (T=3)", "implicit", "hybrid K=2", "hybrid K=2, guidance only (β=0)"}
+    for record in report["methods"].values():
+        assert [s["seed"] for s in record["seeds"]] == [0, 1]
+        assert all(0 <= s["test"]["correct"] <= 3 for s in record["seeds"])
+        assert "peak_bytes" in record["memory"] or "error" in record["memory"]
+    assert report["diagnosis"]["verdict"] in {"headroom", "no headroom"}
+    assert "post: correct /100" in output.with_suffix(".md").read_text()
+    assert output.with_suffix(".png").stat().st_size > 0
