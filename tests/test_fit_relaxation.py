@@ -110,7 +110,7 @@ def test_config_files_and_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown section 'relaxation'; did you mean 'relax'"):
         load_config(toml)
     toml.write_text('[train]\nsteps = "ten"\n')
-    with pytest.raises(ConfigError, match=r"run.toml: train.steps must be a int, got 'ten'"):
+    with pytest.raises(ConfigError, match=r"run.toml: train.steps must be an integer, got 'ten'"):
         load_config(toml)
     toml.write_text('[relax]\nmode = "unrolled"\n')
     with pytest.raises(ConfigError, match=r"relax.mode = 'unrolled' is not one of \['bptt', 'implicit', 'hybrid'\]"):

@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(config.train.threads)
 
     context = init_distributed(config.train.device)
+    finished = False
     try:
         train = read_relaxation_pairs(config.data.train)
         validation = read_relaxation_pairs(config.data.val) if config.data.val else None
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         result = fit_relaxation(
             model, train, validation=validation, config=config, output_dir=output_dir, context=context
         )
+        finished = True
     except (ConfigError, RelaxationDataError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ninterrupted: {error}", file=sys.stderr)
         return 130
     finally:
-        shutdown(context)
+        shutdown(context, barrier=finished)
     if context.is_main:
         print()
         print(result.table())

@@ -119,7 +119,8 @@ class RelaxConfig:
         fmax: eV/Å, FIRE tolerance (implicit, hybrid, and every evaluation; default 0.01).
         max_relax_steps: FIRE steps per structure at most (default 1000).
         alpha: Å²/eV, step of the differentiated map (default 0.01); maxstep: Å, per-atom cap (default 0.2).
-        checkpoint_window: recompute window steps in backward (bit-identical, less memory; default false).
+        checkpoint_window: recompute window steps in backward (bit-identical, less memory; default: the
+            mode's own default, on for hybrid and off for bptt).
         solver: Hessian solve, "cg" (default), "minres" or "fixed_point"; rtol: its relative tolerance
             (default 1e-6); max_iter: Hessian-vector products per structure at most (default 30 n_atoms + 10);
             damping: eV/Å² (default 0).
@@ -133,7 +134,7 @@ class RelaxConfig:
     max_relax_steps: int = 1000
     alpha: float = 0.01
     maxstep: float = 0.2
-    checkpoint_window: bool = False
+    checkpoint_window: bool | None = None
     solver: str = "cg"
     rtol: float = 1e-6
     max_iter: int | None = None
@@ -352,7 +353,7 @@ def _coerce(value, hint, name: str):
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{name} must be a {base.__name__}, got null")
+        raise ConfigError(f"{name} must not be null")
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -365,7 +366,8 @@ def _coerce(value, hint, name: str):
     elif base is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{name} must be a {base.__name__}{' or null' if optional else ''}, got {value!r}")
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(base, str(base))
+    raise ConfigError(f"{name} must be {kind}{' or null' if optional else ''}, got {value!r}")
 
 
 def _read_toml(path: str) -> dict:

@@ -119,9 +119,16 @@ def init_distributed(device: str = "auto", backend: str | None = None, timeout_s
     )
 
 
-def shutdown(context: DistributedContext) -> None:
-    """Leave the process group (no-op for a single process)."""
+def shutdown(context: DistributedContext, barrier: bool = True) -> None:
+    """Leave the process group (no-op for a single process).
+
+    ``barrier`` (default True) first waits for every rank, so no rank tears its connections down while
+    another still uses them (rank 0 writes files after the last collective). Pass False on an error path,
+    where the other ranks may never arrive.
+    """
     if context.distributed and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

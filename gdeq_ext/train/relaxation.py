@@ -137,14 +137,11 @@ def make_relaxation(model, relax: RelaxConfig, warn: bool = False):
     ``warn`` is off by default in training: unconverged relaxations are counted in the metrics every step
     (``train_converged``) instead of warning once per location.
     """
+    # None keeps each mode's own default for recomputing window steps in backward.
+    checkpoint = {} if relax.checkpoint_window is None else {"checkpoint": relax.checkpoint_window}
     if relax.mode == "bptt":
         return BPTTRelax(
-            model,
-            steps=relax.bptt_steps,
-            alpha=relax.alpha,
-            maxstep=relax.maxstep,
-            fmax=relax.fmax,
-            checkpoint=relax.checkpoint_window,
+            model, steps=relax.bptt_steps, alpha=relax.alpha, maxstep=relax.maxstep, fmax=relax.fmax, **checkpoint
         )
     common = dict(
         fmax=relax.fmax,
@@ -162,7 +159,7 @@ def make_relaxation(model, relax: RelaxConfig, warn: bool = False):
             model,
             window=relax.window,
             handoff=relax.handoff,
-            checkpoint=relax.checkpoint_window,
+            **checkpoint,
             alpha=relax.alpha,
             maxstep=relax.maxstep,
             **common,
