@@ -11,9 +11,9 @@ Systems (teacher → student):
   slab at a random lateral position (fcc vs hcp hollow), and a vacancy in a 32-atom fcc cell with its 12 neighbours
   rattled by 0.15 Å (one minimum: the control where condition 2 fails);
 * **Lennard-Jones clusters** — ASE's LennardJones (σ = 2 Å, ε = 1 eV, rc = 3σ, smooth) → an MLIP(species=(18,),
-  cutoff 6 Å) fitted to LJ forces on rattled global minima only (rattles 0.1-0.6 Å). Starts: LJ13 (icosahedron)
-  rattled 0.6 Å and LJ38 (truncated octahedron) rattled 0.4 Å, no periodic axis; a rattle is redrawn while two atoms
-  are closer than 0.8 r_min = 1.8 Å (the r^-12 wall, forces of 100+ eV/Å).
+  cutoff 6 Å) fitted to LJ forces on rattled global minima only (rattles 0.05-0.4 Å). Starts: LJ13 (icosahedron)
+  rattled 0.6 Å and LJ38 (truncated octahedron) rattled 0.4 Å, no periodic axis; each atom's rattle is redrawn (up
+  to 100 times, else it stays) while it is closer than 0.8 r_min = 1.8 Å to another atom (the r^-12 wall).
 
 For each: :func:`gdeq_ext.diagnose` on the test starts (the four conditions and the verdict), the base's
 correct-basin rate, and the rate after hybrid fine-tuning (K = 10, same loop as benchmarks/basins.py).
@@ -88,11 +88,15 @@ def lj_cluster(size: int, k: int, seed: int, rattle: float | None = None) -> Ato
     atoms.cell = np.zeros((3, 3))
     atoms.pbc = False
     rattle = (0.6 if size == 13 else 0.4) if rattle is None else rattle
-    reference = atoms.get_positions()
-    for _ in range(1000):  # redraw until no pair is closer than LJ_MIN_DISTANCE (the r^-12 wall)
-        atoms.set_positions(reference + rng.normal(0, rattle, reference.shape))
-        if rattle == 0 or np.sort(atoms.get_all_distances().ravel())[len(atoms)] >= LJ_MIN_DISTANCE:
-            break
+    positions = atoms.get_positions()
+    for i in range(len(positions)):  # atom by atom, redrawn until it is LJ_MIN_DISTANCE clear of the others
+        others = np.delete(positions, i, axis=0)
+        for _ in range(100):
+            candidate = positions[i] + rng.normal(0, rattle, 3)
+            if rattle == 0 or np.linalg.norm(others - candidate, axis=1).min() >= LJ_MIN_DISTANCE:
+                positions[i] = candidate
+                break
+    atoms.set_positions(positions)
     atoms.info["group"] = f"LJ{size}"
     return atoms
 
@@ -220,7 +224,7 @@ def systems(args) -> list[dict]:
 
     minima = {size: lj_minimum(size, lj) for size in (13, 38)}
     # rattled global minima only (same rattles as the starts, same close-contact rule): no other minimum is shown
-    fit_data = [lj_cluster(13 if k % 2 else 38, 5000 + k, 0, rattle=(0.1, 0.2, 0.4, 0.6)[k % 4]) for k in range(48)]
+    fit_data = [lj_cluster(13 if k % 2 else 38, 5000 + k, 0, rattle=(0.05, 0.1, 0.2, 0.4)[k % 4]) for k in range(48)]
     for atoms in fit_data:
         size = len(atoms)
         atoms.set_positions(
