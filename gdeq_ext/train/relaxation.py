@@ -450,9 +450,9 @@ def _write_csv(rows: Sequence[dict], path: str, append: bool = False) -> None:
             writer.writerow([_format(row.get(column)) for column in COLUMNS])
 
 
-def _hardware() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
@@ -719,6 +719,11 @@ def fit_relaxation(
             dist.broadcast_object_list(shared, src=0)
             saved = shared[0]
         _check_resume_config(saved["config"], config.to_dict(), checkpoint_path)
+        if int(saved["n_train"]) != len(train):
+            raise ConfigError(
+                f"cannot resume from {checkpoint_path}: it was trained on {saved['n_train']} pairs, the training "
+                f"set now has {len(train)}"
+            )
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -742,7 +747,7 @@ def fit_relaxation(
         + (f" T={relax_config.bptt_steps}" if relax_config.mode == "bptt" else "")
         + f", batch {run.batch_size} structures over {context.world_size} process"
         + ("es" if context.world_size > 1 else "")
-        + f", {len(train)} training pairs, {str(dtype).removeprefix('torch.')}, {_hardware()}"
+        + f", {len(train)} training pairs, {str(dtype).removeprefix('torch.')}, {_hardware(device)}"
     )
     files = _Outputs(output_dir, context) if output_dir else None
     if files is not None:
@@ -765,6 +770,7 @@ def fit_relaxation(
                 "initial": initial,
                 "config": config.to_dict(),
                 "world_size": context.world_size,
+                "n_train": len(train),
             },
             at_step,
             run.keep_checkpoints,
@@ -843,9 +849,7 @@ def fit_relaxation(
                 step_time_s=elapsed,
                 wall_time_s=train_time,
             )
-            if validation is not None and (
-                (run.eval_every and step % run.eval_every == 0) or step == run.steps or bool(peaks[1])
-            ):
+            if validation is not None and ((run.eval_every and step % run.eval_every == 0) or step == run.steps):
                 model.eval()
                 last_validation = (step, evaluate_relaxation(model, validation, **evaluate))
                 row.update(
