@@ -104,18 +104,18 @@ def base_model(path: Path, dtype: torch.dtype, quick: bool) -> Path:
     return path
 
 
-def prepare_setup(args) -> Path:
+def prepare_setup(args, repeat: int) -> Path:
     """Model, starts and teacher-relaxed targets, written once for all worker processes."""
     dtype = getattr(torch, args.dtype)
     model_path = base_model(Path(args.model) if args.model else CACHE / f"base_mlip_{args.dtype}.pt", dtype, args.quick)
-    starts = silicon_defect_cells(args.structures, args.repeat)
+    starts = silicon_defect_cells(args.structures, repeat)
     batch = Batch.from_ase(starts, dtype=torch.float64)
     teacher = StillingerWeber()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         targets = gdeq_ext.relax.fire(teacher, batch, fmax=1e-3, max_steps=3000, warn=False).positions.detach()
     setup = {"model": str(model_path), "atoms": starts, "targets": targets, "dtype": args.dtype}
-    path = CACHE / f"setup_{args.dtype}_{args.structures}x{args.repeat}.pt"
+    path = CACHE / f"setup_{args.dtype}_{args.structures}x{repeat}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(setup, path)
     return path
@@ -386,30 +386,80 @@ def plot(records: list[dict], info: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    # colour: the mode; line style: the backend (solid reference, dashed fused)
+    sizes = sorted({r.get("sites", 0) for r in records})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(8 * len(sizes), 5), squeeze=False)
+    # colour: the mode; line style: the backend (solid reference, dashed fused); one panel per cell size
     modes = list(dict.fromkeys(r["label"].rsplit(" (", 1)[0] for r in records))
     colours = plt.get_cmap("tab10")
-    for label in dict.fromkeys(r["label"] for r in records):
-        points = sorted(
-            (r["steps_T"], r["peak_bytes"])
-            for r in records
-            if r["label"] == label and r["steps_T"] and "peak_bytes" in r
-        )
-        if points:
-            mode = label.rsplit(" (", 1)[0]
-            style = "--" if label.endswith("(fused)") else "-"
-            xs, ys = zip(*[(t, b / 2**20) for t, b in points], strict=True)
-            ax.plot(xs, ys, style, marker="o", color=colours(modes.index(mode) % 10), label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("relaxation length T (steps)")
-    ax.set_ylabel("peak memory of one training step (MiB)")
-    ax.set_title(f"gdeq_ext memory vs relaxation length\n{machine_label(info)}", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    for ax, sites in zip(axes[0], sizes, strict=True):
+        mine = [r for r in records if r.get("sites", 0) == sites]
+        for label in dict.fromkeys(r["label"] for r in mine):
+            points = sorted(
+                (r["steps_T"], r["peak_bytes"])
+                for r in mine
+                if r["label"] == label and r["steps_T"] and "peak_bytes" in r
+            )
+            if points:
+                mode = label.rsplit(" (", 1)[0]
+                style = "--" if label.endswith("(fused)") else "-"
+                xs, ys = zip(*[(t, b / 2**20) for t, b in points], strict=True)
+                ax.plot(xs, ys, style, marker="o", color=colours(modes.index(mode) % 10), label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("relaxation length T (steps)")
+        ax.set_ylabel("peak memory of one training step (MiB)")
+        ax.set_title(f"gdeq_ext memory vs relaxation length, {sites}±1-site cells\n{machine_label(info)}", fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def run_size(args, repeat: int, info: dict) -> tuple[list[dict], str]:
+    """Every configuration on cells of 8·repeat³ ± 1 sites: the records and their markdown section."""
+    setup_path = prepare_setup(args, repeat)
+    from tqdm.auto import tqdm
+
+    records = []
+    grads = {}
+    sites = 8 * repeat**3
+    for config in tqdm(configurations(args), desc=f"configurations, {sites} sites"):
+        grad_path = CACHE / f"grad_{config.mode}_{config.backend}_{config.steps}_{config.window}_{repeat}.pt"
+        grad_path.unlink(missing_ok=True)
+        if args.device.startswith("cuda"):
+            try:
+                measured = run_worker(config, str(setup_path), args.device, str(grad_path))
+            except Exception as error:  # a failing configuration is reported, not hidden
+                measured = {"error": f"{type(error).__name__}: {error}"}
+        else:
+            measured = run_in_subprocess(config, setup_path, args.device, grad_path)
+        if grad_path.exists():
+            grads[config] = torch.load(grad_path)
+        records.append({**asdict(config), "label": config.label, "steps_T": config.steps, "sites": sites, **measured})
+
+    for record, config in zip(records, configurations(args), strict=True):
+        reference = grads.get(Config("bptt", "reference", config.steps))
+        mine = grads.get(config)
+        record["cosine_vs_bptt"] = None if reference is None or mine is None else cosine(mine, reference)
+
+    table = summarize(records)
+    problems: dict[str, list[str]] = {}
+    for r in records:
+        if "error" in r or "skipped" in r:
+            where = r["label"] + (f" T={r['steps_T']}" if r["mode"] != "force-step" else "")
+            problems.setdefault(r.get("error") or r["skipped"], []).append(where)
+    heading = (
+        f"Peak memory of one training step (relax + ΔQ + backward), {args.structures} Si defect cells of "
+        f"{sites}±1 atoms, {args.dtype}, measured {info['date']} on {machine_label(info)}."
+    )
+    markdown = f"{heading}\n\n{table}\n"
+    reached = goals(records, args.dtype)
+    if reached:
+        markdown += "\nGoals of the benchmark, on these numbers:\n\n" + "".join(f"- {line}\n" for line in reached)
+    for reason, where in problems.items():
+        shown = ", ".join(where) if len(where) <= 4 else f"{len(where)} configurations ({where[0]}, ...)"
+        markdown += f"\nNot measured ({reason}): {shown}.\n"
+    return records, markdown + "\n"
 
 
 def main() -> None:
@@ -421,7 +471,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="relaxation lengths T")
     parser.add_argument("--windows", type=int, nargs="+", help="hybrid windows K")
     parser.add_argument("--structures", type=int, help="structures per batch")
-    parser.add_argument("--repeat", type=int, help="diamond supercell repeat (2: 64 sites, 3: 216 sites)")
+    parser.add_argument(
+        "--repeat", type=int, nargs="+", help="diamond supercell repeats, one table each (2: 64 sites, 3: 216 sites)"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--model", help="a saved MLIP (default: fit one to SW and cache it)")
     parser.add_argument("--output", default=str(RESULTS / "memory"), help="prefix of the .json/.png/.md outputs")
@@ -439,56 +491,20 @@ def main() -> None:
     args.lengths = args.lengths or ([50, 100, 200] if args.quick else [50, 100, 200, 400, 800])
     args.windows = args.windows or ([5, 10, 20] if args.quick else [5, 10, 20, 30])
     args.structures = args.structures or (2 if args.quick else 4)
-    args.repeat = args.repeat or (2 if args.quick else 3)
+    args.repeat = args.repeat or ([2] if args.quick else [2, 3])
     info = machine(args.device)
     print(f"gdeq_ext {gdeq_ext.__version__}: memory benchmark on {machine_label(info)}")
     print(
         f"  build: compiled={gdeq_ext.build_info()['compiled']}, lengths {args.lengths}, windows {args.windows}, "
-        f"{args.structures} structures of {8 * args.repeat**3} sites ±1, {args.dtype}",
+        f"{args.structures} structures of {' and '.join(str(8 * r**3) for r in args.repeat)} sites ±1, {args.dtype}",
         flush=True,
     )
 
-    setup_path = prepare_setup(args)
-    from tqdm.auto import tqdm
-
-    records = []
-    grads = {}
-    for config in tqdm(configurations(args), desc="configurations"):
-        grad_path = CACHE / f"grad_{config.mode}_{config.backend}_{config.steps}_{config.window}.pt"
-        grad_path.unlink(missing_ok=True)
-        if args.device.startswith("cuda"):
-            try:
-                measured = run_worker(config, str(setup_path), args.device, str(grad_path))
-            except Exception as error:  # a failing configuration is reported, not hidden
-                measured = {"error": f"{type(error).__name__}: {error}"}
-        else:
-            measured = run_in_subprocess(config, setup_path, args.device, grad_path)
-        if grad_path.exists():
-            grads[config] = torch.load(grad_path)
-        records.append({**asdict(config), "label": config.label, "steps_T": config.steps, **measured})
-
-    for record, config in zip(records, configurations(args), strict=True):
-        reference = grads.get(Config("bptt", "reference", config.steps))
-        mine = grads.get(config)
-        record["cosine_vs_bptt"] = None if reference is None or mine is None else cosine(mine, reference)
-
-    table = summarize(records)
-    problems: dict[str, list[str]] = {}
-    for r in records:
-        if "error" in r or "skipped" in r:
-            where = r["label"] + (f" T={r['steps_T']}" if r["mode"] != "force-step" else "")
-            problems.setdefault(r.get("error") or r["skipped"], []).append(where)
-    heading = (
-        f"Peak memory of one training step (relax + ΔQ + backward), {args.structures} Si defect cells of "
-        f"{8 * args.repeat**3}±1 atoms, {args.dtype}, measured {info['date']} on {machine_label(info)}."
-    )
-    markdown = f"{heading}\n\n{table}\n"
-    reached = goals(records, args.dtype)
-    if reached:
-        markdown += "\nGoals of the benchmark, on these numbers:\n\n" + "".join(f"- {line}\n" for line in reached)
-    for reason, where in problems.items():
-        shown = ", ".join(where) if len(where) <= 4 else f"{len(where)} configurations ({where[0]}, ...)"
-        markdown += f"\nNot measured ({reason}): {shown}.\n"
+    records, markdown = [], ""
+    for repeat in args.repeat:
+        size_records, size_markdown = run_size(args, repeat, info)
+        records += size_records
+        markdown += size_markdown
     output = Path(args.output)
     write_json(output.with_suffix(".json"), {"machine": info, "arguments": vars(args), "records": records})
     output.with_suffix(".md").write_text(markdown)

@@ -31,6 +31,9 @@ def test_memory_benchmark_quick_reports_every_mode(tmp_path):
         "2",
         "--structures",
         "1",
+        "--repeat",
+        "1",
+        "2",
         "--model",
         str(model),
         "--output",
@@ -50,10 +53,11 @@ def test_memory_benchmark_quick_reports_every_mode(tmp_path):
     # After the warm-up a tiny step may add no resident page at all; what must hold is that each was measured
     # and that a stored BPTT graph, the one thing that grows, is seen.
     assert all("peak_bytes" in r and r["peak_bytes"] >= 0 for r in measured), [r for r in measured if "error" in r]
-    assert all(r["peak_bytes"] > 0 for r in measured if r["mode"] == "bptt")
+    assert all(r["peak_bytes"] > 0 for r in measured if r["mode"] == "bptt" and r["sites"] == 64)
     assert {r["steps_T"] for r in measured if r["mode"] == "implicit"} == {6, 0}  # fixed length and converged
     for r in records:  # every fused configuration is either measured or says why not
         assert "peak_bytes" in r or "skipped" in r or "error" in r
+    assert {r["sites"] for r in records} == {8, 64}  # one table per cell size
     assert report["machine"]["cpu"]
     assert output.with_suffix(".png").stat().st_size > 0
     markdown = output.with_suffix(".md").read_text()
