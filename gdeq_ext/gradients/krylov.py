@@ -70,7 +70,9 @@ def _setup(b, system, n_systems, rtol, atol, max_iter, project):
     rhs_norm = structure_norm(b, system, n_systems)
     tolerance = torch.maximum(_per_structure(rtol, n_systems, b) * rhs_norm, _per_structure(atol, n_systems, b))
     if max_iter is None:
-        max_iter = 10 * b.shape[0] * 3 + 10
+        # Per structure (its own 3·n_atoms unknowns), so a structure's cap does not depend on what else is in the
+        # batch: data-parallel shards and the single-process run then stop every solve at the same iteration.
+        max_iter = 30 * torch.bincount(system, minlength=n_systems) + 10
     cap = torch.as_tensor(max_iter, dtype=torch.int64, device=b.device).expand(n_systems).clone()
     return project, b, rhs_norm, tolerance, cap
 
