@@ -171,6 +171,9 @@ def test_basin_distance_ignores_translation_and_periodic_images():
     np.testing.assert_allclose(distance.numpy(), [0.0, expected], atol=1e-12)
     assert correct_basin(moved, reference, batch).tolist() == [True, False]  # default 0.1 Å
     assert correct_basin(moved, reference, batch, threshold=0.14).tolist() == [True, True]
+    swapped = reference.clone()
+    swapped[[1, 6]] = reference[[6, 1]]  # two atoms trade places: the same structure
+    np.testing.assert_allclose(basin_distance(swapped, reference, batch).numpy(), [0.0, 0.0], atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -10,7 +10,7 @@ Metrics per step (``metrics.csv``, ``learning_curves.png``):
 
 * ΔQ (the loss), and the **correct-basin rate**: the share of structures whose relaxed positions lie within
   ``basin_threshold`` (default 0.1 Å) of the reference by :func:`basin_distance`, the per-atom RMS of the
-  minimum-image displacements after removing their mean (the net translation);
+  minimum-image displacements after pairing atoms (permutation-invariant) and removing the net translation;
 * fmax (eV/Å) and the converged share at the end of each relaxation, relaxation steps per structure;
 * solver iterations: Hessian-vector products per structure of the implicit backward (implicit and hybrid);
 * peak memory of the step (MiB): ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the process's peak
@@ -108,19 +108,24 @@ COLUMNS = (
 def basin_distance(positions: torch.Tensor, reference: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Per-structure RMS distance to the reference, (n_systems,) in Å per atom, detached.
 
-    sqrt(mean_j ||d_j - t_s||²) with d_j the minimum-image displacement of atom j (periodic axes only) and
-    t_s = mean_j d_j the net translation of structure s (unweighted, unlike ΔQ, so the threshold is a
-    length). Atoms are compared by index: a relaxation in which an interstitial swaps identity with a
-    lattice atom counts as a different structure.
+    sqrt(mean_j ||d_j - t_s||²) after pairing atoms of the same species optimally
+    (:func:`gdeq_ext.data.basins.structure_distance`: a linear assignment on minimum-image distances, so an
+    interstitial that swapped identity with a lattice atom still matches) and removing the net translation t_s
+    (and, for clusters with no periodic axis, the best rotation). Unweighted, unlike ΔQ, so the threshold is a
+    length. Runs on the CPU in float64 (an assignment per structure; evaluation only, never differentiated).
     """
-    reference = reference.to(dtype=positions.dtype, device=positions.device)
-    d = minimum_image(positions.detach() - reference.detach(), batch)
-    n = batch.n_systems
-    counts = batch.n_atoms_per_system.to(d.dtype).clamp_min(1)
-    mean = d.new_zeros(n, 3).index_add_(0, batch.system, d) / counts.unsqueeze(1)
-    d = d - mean[batch.system]
-    squared = d.new_zeros(n).index_add_(0, batch.system, (d * d).sum(dim=1))
-    return (squared / counts).sqrt()
+    from gdeq_ext.data.basins import structure_distance
+
+    moved = positions.detach().to("cpu", torch.float64).numpy()
+    target = reference.detach().to("cpu", torch.float64).numpy()
+    cells = batch.cell.detach().to("cpu", torch.float64).numpy()
+    pbc = batch.pbc.cpu().numpy()
+    numbers = batch.numbers.cpu().numpy()
+    distances = [
+        structure_distance(moved[a:b], target[a:b], cells[s], pbc[s], numbers[a:b]).rmsd if b > a else 0.0
+        for s, (a, b) in enumerate(batch.ranges())
+    ]
+    return torch.tensor(distances, dtype=positions.dtype, device=positions.device)
 
 
 def correct_basin(
