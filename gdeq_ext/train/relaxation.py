@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from gdeq_ext.data.batch import Batch
 from gdeq_ext.data.relaxation_pairs import RelaxationPairs, read_relaxation_pairs
-from gdeq_ext.loss import delta_q, minimum_image
+from gdeq_ext.loss import delta_q
 from gdeq_ext.relax import BPTTRelax, HybridRelax, ImplicitRelax, fire
 from gdeq_ext.relax.checks import NonFiniteError
 from gdeq_ext.train.config import Config, ConfigError, OptimConfig, RelaxConfig
