@@ -111,6 +111,12 @@ def _dtype_of(potential) -> torch.dtype:
     return torch.float64
 
 
+def _device_of(potential) -> torch.device:
+    for t in [*potential.parameters(), *potential.buffers()]:
+        return t.device
+    return torch.device("cpu")
+
+
 def ase_relax(starts, calculator, fmax: float = 0.01, max_steps: int = 3000, refine_fmax: float | None = 1e-4) -> list:
     """Relax each start with ``ase.optimize.FIRE`` (ASE's defaults) and an ASE ``calculator`` (e.g. EMT, LJ).
 
@@ -180,9 +186,9 @@ def _forces(potential, structures) -> list[np.ndarray]:
     out = []
     for begin in range(0, len(structures), 32):
         chunk = structures[begin : begin + 32]
-        batch = Batch.from_ase(chunk, dtype=dtype)
+        batch = Batch.from_ase(chunk, dtype=dtype, device=_device_of(potential))
         _, forces = energy_forces(potential, batch)
-        out += [forces[lo:hi].detach().double().numpy() for lo, hi in batch.ranges()]
+        out += [forces[lo:hi].detach().double().cpu().numpy() for lo, hi in batch.ranges()]
     return out
 
 
@@ -197,9 +203,9 @@ def _energies(potential, structures) -> list[float]:
     from gdeq_ext.data.batch import Batch
     from gdeq_ext.potentials.base import energy_forces
 
-    batch = Batch.from_ase(list(structures), dtype=_dtype_of(potential))
+    batch = Batch.from_ase(list(structures), dtype=_dtype_of(potential), device=_device_of(potential))
     energy, _ = energy_forces(potential, batch)
-    return energy.detach().double().tolist()
+    return energy.detach().double().cpu().tolist()
 
 
 def _structural_basins(ends, starts, groups, threshold) -> list[int]:

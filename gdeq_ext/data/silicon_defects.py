@@ -195,8 +195,9 @@ def teacher_relax(
 ) -> list[dict]:
     """Relax ``starts`` under ``protocol`` (default :data:`PROTOCOL`) with ``teacher`` (default SW).
 
-    Returns one dict per start: positions (n, 3) Å (refined), energy (eV), steps (to fmax), refine_steps,
-    converged (both stages), fmax (eV/Å at the end).
+    Runs on the device of the teacher's parameters or buffers (CPU if it has none). Returns one dict per start:
+    positions (n, 3) Å (refined, float64 numpy), energy (eV), steps (to fmax), refine_steps, converged (both
+    stages), fmax (eV/Å at the end).
     """
     from gdeq_ext.data.batch import Batch
     from gdeq_ext.relax.fire import fire
@@ -207,13 +208,15 @@ def teacher_relax(
         teacher = StillingerWeber()
     protocol = {**PROTOCOL, **(protocol or {})}
     dtype = getattr(torch, protocol["dtype"])
+    tensors = [*teacher.parameters(), *teacher.buffers()] if isinstance(teacher, torch.nn.Module) else []
+    device = tensors[0].device if tensors else torch.device("cpu")
     out = []
     # Same-sized structures together: FIRE's batch runs until its slowest member stops.
     order = sorted(range(len(starts)), key=lambda k: len(starts[k]))
     results: dict[int, dict] = {}
     for begin in range(0, len(order), batch_size):
         chunk = order[begin : begin + batch_size]
-        batch = Batch.from_ase([starts[k] for k in chunk], dtype=dtype)
+        batch = Batch.from_ase([starts[k] for k in chunk], dtype=dtype, device=device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             first = fire(teacher, batch, fmax=protocol["fmax"], max_steps=protocol["max_steps"], warn=False)
@@ -226,7 +229,7 @@ def teacher_relax(
             )
         for position, (k, (lo, hi)) in enumerate(zip(chunk, batch.ranges(), strict=True)):
             results[k] = dict(
-                positions=second.positions[lo:hi].numpy().copy(),
+                positions=second.positions[lo:hi].double().cpu().numpy().copy(),
                 energy=float(second.energy[position]),
                 steps=int(first.steps[position]),
                 refine_steps=int(second.steps[position]),
