@@ -106,18 +106,50 @@ void contract(const T* __restrict__ coefficients, const T* __restrict__ W, int64
   }
 }
 
-// out[r][m] = Σ_c coef[r][c] G[c, m] for R coefficient rows and G (C, 10) row-major. G is read column by column
-// so that the R sums live in registers; accumulating whole rows of G into R 10-arrays instead spills them on every
-// channel (measured: ~2x slower double backward).
-template <typename T, int R>
-void project(const T* G, int64_t C, const T* const (&coef)[R], T (&out)[R][kMoments]) {
+// Moment-major blocks. The kernels read and write the (N, C, 10) moment tensors through their (N, 10, C) transposes
+// (made once per call, N·C·10 values, small next to the per-edge work) so that every inner loop runs over the C
+// contiguous channels and vectorizes; with 10 as the inner length it did not (measured: the VJP ~2x slower).
+
+// s[c] = Σ_m Gt[m, c] Y[m] for one atom's (10, C) block Gt; summed over m in order, as the (C, 10) form did.
+template <typename T>
+void channel_dots(const T* __restrict__ Gt, int64_t C, const T* Y, T* __restrict__ s) {
+  std::fill(s, s + C, T(0));
   for (int m = 0; m < kMoments; ++m) {
-    T acc[R] = {};
-    for (int64_t c = 0; c < C; ++c) {
-      const T g = G[c * kMoments + m];
-      for (int r = 0; r < R; ++r) acc[r] += coef[r][c] * g;
+    const T y = Y[m];
+    const T* __restrict__ row = Gt + m * C;
+    for (int64_t c = 0; c < C; ++c) s[c] += y * row[c];
+  }
+}
+
+// out[r][m] = Σ_c coef[r][c] Gt[m, c] for R coefficient rows (a SIMD reduction over channels: the summation order
+// is fixed for a given build, not the sequential one).
+template <typename T, int R>
+void project(const T* __restrict__ Gt, int64_t C, const T* const (&coef)[R], T (&out)[R][kMoments]) {
+  for (int m = 0; m < kMoments; ++m) {
+    const T* __restrict__ row = Gt + m * C;
+    for (int r = 0; r < R; ++r) {
+      const T* __restrict__ a = coef[r];
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < C; ++c) acc += a[c] * row[c];
+      out[r][m] = acc;
     }
-    for (int r = 0; r < R; ++r) out[r][m] = acc[r];
+  }
+}
+
+// Gt[m, c] += a[c] Y[m] + b[c] DY[m] (b and DY may be null) into one atom's (10, C) block.
+template <typename T>
+void accumulate_moments(T* __restrict__ Gt, int64_t C, const T* __restrict__ a, const T* Y, const T* __restrict__ b,
+                        const T* DY) {
+  for (int m = 0; m < kMoments; ++m) {
+    T* __restrict__ row = Gt + m * C;
+    const T y = Y[m];
+    if (b == nullptr) {
+      for (int64_t c = 0; c < C; ++c) row[c] += a[c] * y;
+    } else {
+      const T dy = DY[m];
+      for (int64_t c = 0; c < C; ++c) row[c] += a[c] * y + b[c] * dy;
+    }
   }
 }
 
@@ -139,12 +171,12 @@ struct Problem {
 
 // ------------------------------------------------------------------------------------------------ forward
 template <typename T>
-void forward_kernel(const Problem& p, const EdgeGroups& recv, const T* vec, const T* u, const T* W, T* A) {
+void forward_kernel(const Problem& p, const EdgeGroups& recv, const T* vec, const T* u, const T* W, T* At) {
   for_atom_chunks(p.N, chunk_count(p.N), [&](int64_t, int64_t begin, int64_t end) {
-    std::vector<T> phi(p.K), R(p.C);
+    std::vector<T> phi(p.K), R(p.C), w(p.C);
     T Y[kMoments];
     for (int64_t i = begin; i < end; ++i) {
-      T* Ai = A + i * p.C * kMoments;
+      T* Ati = At + i * p.C * kMoments;
       for (int64_t q = recv.offsets[i]; q < recv.offsets[i + 1]; ++q) {
         const int64_t e = recv.edge(q);
         EdgeGeometry<T> g;
@@ -153,11 +185,8 @@ void forward_kernel(const Problem& p, const EdgeGroups& recv, const T* vec, cons
         moments::angular(g.n, Y);
         contract(phi.data(), W, p.K, p.C, R.data());
         const T* uj = u + p.ej[e] * p.C;
-        for (int64_t c = 0; c < p.C; ++c) {
-          const T w = R[c] * uj[c];
-          T* out = Ai + c * kMoments;
-          for (int m = 0; m < kMoments; ++m) out[m] += w * Y[m];
-        }
+        for (int64_t c = 0; c < p.C; ++c) w[c] = R[c] * uj[c];
+        accumulate_moments<T>(Ati, p.C, w.data(), Y, nullptr, nullptr);
       }
     }
   });
@@ -166,12 +195,12 @@ void forward_kernel(const Problem& p, const EdgeGroups& recv, const T* vec, cons
 // ------------------------------------------------------------------------------------------------ backward
 // One pass over senders j: grad_u[j] (owned), grad_vectors[e] for j's edges (owned), grad_W partial per chunk.
 template <typename T>
-void backward_kernel(const Problem& p, const EdgeGroups& send, const T* G, const T* vec, const T* u, const T* W,
+void backward_kernel(const Problem& p, const EdgeGroups& send, const T* Gt, const T* vec, const T* u, const T* W,
                      T* grad_vec, T* grad_u, T* grad_W, bool compute_vectors) {
   const int64_t n_chunks = chunk_count(p.N), KC = p.K * p.C;
   std::vector<T> partial(n_chunks * KC, T(0));
   for_atom_chunks(p.N, n_chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    std::vector<T> phi(p.K), dphi(p.K), R(p.C), R1(p.C), q(p.C), a0(p.C), a1(p.C);
+    std::vector<T> phi(p.K), dphi(p.K), R(p.C), R1(p.C), sc(p.C), q(p.C), a0(p.C), a1(p.C);
     T* gW = partial.data() + chunk * KC;
     T Y[kMoments], P[2][kMoments];
     for (int64_t j = begin; j < end; ++j) {
@@ -185,16 +214,17 @@ void backward_kernel(const Problem& p, const EdgeGroups& send, const T* G, const
         moments::angular(g.n, Y);
         contract(phi.data(), W, p.K, p.C, R.data());
         if (compute_vectors) contract(dphi.data(), W, p.K, p.C, R1.data());
-        const T* Gi = G + p.ei[e] * p.C * kMoments;
+        const T* Gti = Gt + p.ei[e] * p.C * kMoments;
+        channel_dots(Gti, p.C, Y, sc.data());  // s_c = Σ_m G[i,c,m] Y_m
         for (int64_t c = 0; c < p.C; ++c) {
-          const T* Gc = Gi + c * kMoments;
-          T sc = 0;  // s_c = Σ_m G[i,c,m] Y_m
-          for (int m = 0; m < kMoments; ++m) sc += Gc[m] * Y[m];
-          guj[c] += R[c] * sc;
-          q[c] = uj[c] * sc;
-          if (!compute_vectors) continue;
-          a0[c] = uj[c] * R[c];  // F = Σ_m P_m(r) Y_m with P = Σ_c a0_c G_ic, P' = Σ_c a1_c G_ic
-          a1[c] = uj[c] * R1[c];
+          guj[c] += R[c] * sc[c];
+          q[c] = uj[c] * sc[c];
+        }
+        if (compute_vectors) {
+          for (int64_t c = 0; c < p.C; ++c) {
+            a0[c] = uj[c] * R[c];  // F = Σ_m P_m(r) Y_m with P = Σ_c a0_c G_ic, P' = Σ_c a1_c G_ic
+            a1[c] = uj[c] * R1[c];
+          }
         }
         for (int64_t k = 0; k < p.K; ++k) {
           const T a = phi[k];
@@ -202,7 +232,7 @@ void backward_kernel(const Problem& p, const EdgeGroups& send, const T* G, const
           for (int64_t c = 0; c < p.C; ++c) row[c] += a * q[c];
         }
         if (!compute_vectors) continue;
-        project<T, 2>(Gi, p.C, {a0.data(), a1.data()}, P);
+        project<T, 2>(Gti, p.C, {a0.data(), a1.data()}, P);
         moments::add_moment_gradient(P[0], P[1], g, grad_vec + 3 * e);
       }
     }
@@ -219,12 +249,12 @@ void backward_kernel(const Problem& p, const EdgeGroups& send, const T* G, const
 //   dvec_e     = ∇²F·av + ∇H,  F = Σ_m (Σ_c u_jc R_c G_icm) Y_m,  H = Σ_m (Σ_c (Q_c u_jc + R_c au_jc) G_icm) Y_m
 template <typename T>
 void double_backward_receivers(const Problem& p, const EdgeGroups& recv, const T* av, const T* au, const T* aW,
-                               const T* vec, const T* u, const T* W, T* dG) {
+                               const T* vec, const T* u, const T* W, T* dGt) {
   for_atom_chunks(p.N, chunk_count(p.N), [&](int64_t, int64_t begin, int64_t end) {
-    std::vector<T> phi(p.K), dphi(p.K), R(p.C), R1(p.C), Q(p.C);
+    std::vector<T> phi(p.K), dphi(p.K), R(p.C), R1(p.C), Q(p.C), a_y(p.C), a_dy(p.C);
     T Y[kMoments], DY[kMoments];
     for (int64_t i = begin; i < end; ++i) {
-      T* dGi = dG + i * p.C * kMoments;
+      T* dGti = dGt + i * p.C * kMoments;
       for (int64_t s = recv.offsets[i]; s < recv.offsets[i + 1]; ++s) {
         const int64_t e = recv.edge(s);
         EdgeGeometry<T> g;
@@ -239,11 +269,10 @@ void double_backward_receivers(const Problem& p, const EdgeGroups& recv, const T
         const T* uj = u + j * p.C;
         const T* auj = au + j * p.C;
         for (int64_t c = 0; c < p.C; ++c) {
-          const T a_y = (R1[c] * rho + Q[c]) * uj[c] + R[c] * auj[c];
-          const T a_dy = R[c] * uj[c];
-          T* out = dGi + c * kMoments;
-          for (int m = 0; m < kMoments; ++m) out[m] += a_y * Y[m] + a_dy * DY[m];
+          a_y[c] = (R1[c] * rho + Q[c]) * uj[c] + R[c] * auj[c];
+          a_dy[c] = R[c] * uj[c];
         }
+        accumulate_moments<T>(dGti, p.C, a_y.data(), Y, a_dy.data(), DY);
       }
     }
   });
@@ -251,13 +280,13 @@ void double_backward_receivers(const Problem& p, const EdgeGroups& recv, const T
 
 template <typename T>
 void double_backward_senders(const Problem& p, const EdgeGroups& send, const T* av, const T* au, const T* aW,
-                             const T* G, const T* vec, const T* u, const T* W, T* dvec, T* du, T* dW,
+                             const T* Gt, const T* vec, const T* u, const T* W, T* dvec, T* du, T* dW,
                              bool compute_vectors) {
   const int64_t n_chunks = chunk_count(p.N), KC = p.K * p.C;
   std::vector<T> partial(n_chunks * KC, T(0));
   for_atom_chunks(p.N, n_chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
     std::vector<T> phi(p.K), dphi(p.K), ddphi(p.K), R(p.C), R1(p.C), R2(p.C), Q(p.C), Q1(p.C), qs(p.C), qt(p.C);
-    std::vector<T> a0(p.C), a1(p.C), a2(p.C), h0(p.C), h1(p.C);
+    std::vector<T> a0(p.C), a1(p.C), a2(p.C), h0(p.C), h1(p.C), sc(p.C), tc(p.C);
     T* dWc = partial.data() + chunk * KC;
     T Y[kMoments], DY[kMoments], P[5][kMoments];
     for (int64_t j = begin; j < end; ++j) {
@@ -279,23 +308,22 @@ void double_backward_senders(const Problem& p, const EdgeGroups& send, const T* 
           contract(ddphi.data(), W, p.K, p.C, R2.data());
           contract(dphi.data(), aW, p.K, p.C, Q1.data());
         }
-        const T* Gi = G + p.ei[e] * p.C * kMoments;
+        const T* Gti = Gt + p.ei[e] * p.C * kMoments;
+        channel_dots(Gti, p.C, Y, sc.data());
+        channel_dots(Gti, p.C, DY, tc.data());
         for (int64_t c = 0; c < p.C; ++c) {
-          const T* Gc = Gi + c * kMoments;
-          T sc = 0, tc = 0;
-          for (int m = 0; m < kMoments; ++m) {
-            sc += Gc[m] * Y[m];
-            tc += Gc[m] * DY[m];
+          duj[c] += (R1[c] * rho + Q[c]) * sc[c] + R[c] * tc[c];
+          qs[c] = rho * uj[c] * sc[c];            // multiplies φ'_k in dW
+          qt[c] = auj[c] * sc[c] + uj[c] * tc[c];  // multiplies φ_k in dW
+        }
+        if (compute_vectors) {
+          for (int64_t c = 0; c < p.C; ++c) {
+            a0[c] = uj[c] * R[c];  // F's coefficients P, P', P'' (as Σ_c a_c G_ic)
+            a1[c] = uj[c] * R1[c];
+            a2[c] = uj[c] * R2[c];
+            h0[c] = Q[c] * uj[c] + R[c] * auj[c];  // H's coefficients and their r-derivative
+            h1[c] = Q1[c] * uj[c] + R1[c] * auj[c];
           }
-          duj[c] += (R1[c] * rho + Q[c]) * sc + R[c] * tc;
-          qs[c] = rho * uj[c] * sc;               // multiplies φ'_k in dW
-          qt[c] = auj[c] * sc + uj[c] * tc;       // multiplies φ_k in dW
-          if (!compute_vectors) continue;
-          a0[c] = uj[c] * R[c];  // F's coefficients P, P', P'' (as Σ_c a_c G_ic)
-          a1[c] = uj[c] * R1[c];
-          a2[c] = uj[c] * R2[c];
-          h0[c] = Q[c] * uj[c] + R[c] * auj[c];  // H's coefficients and their r-derivative
-          h1[c] = Q1[c] * uj[c] + R1[c] * auj[c];
         }
         for (int64_t k = 0; k < p.K; ++k) {
           const T b = dphi[k], c0 = phi[k];
@@ -303,7 +331,7 @@ void double_backward_senders(const Problem& p, const EdgeGroups& send, const T* 
           for (int64_t c = 0; c < p.C; ++c) row[c] += b * qs[c] + c0 * qt[c];
         }
         if (!compute_vectors) continue;
-        project<T, 5>(Gi, p.C, {a0.data(), a1.data(), a2.data(), h0.data(), h1.data()}, P);
+        project<T, 5>(Gti, p.C, {a0.data(), a1.data(), a2.data(), h0.data(), h1.data()}, P);
         T* out = dvec + 3 * e;
         moments::add_moment_hessian_vector(P[0], P[1], P[2], g, a, out);
         moments::add_moment_gradient(P[3], P[4], g, out);
@@ -335,15 +363,16 @@ at::Tensor edge_moments_cpu(const at::Tensor& vectors, const at::Tensor& edge_in
   const auto edges = edge_index.contiguous();
   const auto uu = u.contiguous();
   const auto W = weights.contiguous();
-  auto A = at::zeros({u.size(0), u.size(1), moments::kMoments}, vec.options());
+  auto At = at::zeros({u.size(0), moments::kMoments, u.size(1)}, vec.options());  // (N, 10, C): see channel_dots
   const Problem p = problem(edges, uu, W, cutoff);
-  if (p.E == 0 || p.C == 0) return A;
-  const EdgeGroups recv = group_edges(p.ei, p.E, p.N);
-  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "edge_moments_cpu", [&] {
-    forward_kernel<scalar_t>(p, recv, vec.data_ptr<scalar_t>(), uu.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(),
-                             A.data_ptr<scalar_t>());
-  });
-  return A;
+  if (p.E > 0 && p.C > 0) {
+    const EdgeGroups recv = group_edges(p.ei, p.E, p.N);
+    AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "edge_moments_cpu", [&] {
+      forward_kernel<scalar_t>(p, recv, vec.data_ptr<scalar_t>(), uu.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(),
+                               At.data_ptr<scalar_t>());
+    });
+  }
+  return At.transpose(1, 2).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_moments_backward_cpu(const at::Tensor& grad_moments,
@@ -353,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_moments_backward_cpu(const a
                                                                          const at::Tensor& weights, double cutoff,
                                                                          bool compute_vectors) {
   check_edge_moments_backward_args(grad_moments, vectors, edge_index, u, weights, cutoff);
-  const auto G = grad_moments.contiguous();
+  const auto Gt = grad_moments.transpose(1, 2).contiguous();  // (N, 10, C)
   const auto vec = vectors.contiguous();
   const auto edges = edge_index.contiguous();
   const auto uu = u.contiguous();
@@ -365,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_moments_backward_cpu(const a
   if (p.E == 0 || p.C == 0) return {grad_vec, grad_u, grad_W};
   const EdgeGroups send = group_edges(p.ej, p.E, p.N);
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "edge_moments_backward_cpu", [&] {
-    backward_kernel<scalar_t>(p, send, G.data_ptr<scalar_t>(), vec.data_ptr<scalar_t>(), uu.data_ptr<scalar_t>(),
+    backward_kernel<scalar_t>(p, send, Gt.data_ptr<scalar_t>(), vec.data_ptr<scalar_t>(), uu.data_ptr<scalar_t>(),
                               W.data_ptr<scalar_t>(), grad_vec.data_ptr<scalar_t>(), grad_u.data_ptr<scalar_t>(),
                               grad_W.data_ptr<scalar_t>(), compute_vectors);
   });
@@ -381,17 +410,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edge_moments_double_b
   const auto av = gg_vectors.contiguous();
   const auto au = gg_u.contiguous();
   const auto aW = gg_weights.contiguous();
-  const auto G = grad_moments.contiguous();
+  const auto Gt = grad_moments.transpose(1, 2).contiguous();  // (N, 10, C)
   const auto vec = vectors.contiguous();
   const auto edges = edge_index.contiguous();
   const auto uu = u.contiguous();
   const auto W = weights.contiguous();
-  auto dG = at::zeros_like(G);
+  auto dGt = at::zeros_like(Gt);
   auto dvec = at::zeros_like(vec);
   auto du = at::zeros_like(uu);
   auto dW = at::zeros_like(W);
   const Problem p = problem(edges, uu, W, cutoff);
-  if (p.E == 0 || p.C == 0) return {dG, dvec, du, dW};
+  if (p.E == 0 || p.C == 0) return {dGt.transpose(1, 2).contiguous(), dvec, du, dW};
   const EdgeGroups recv = group_edges(p.ei, p.E, p.N);
   const EdgeGroups send = group_edges(p.ej, p.E, p.N);
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "edge_moments_double_backward_cpu", [&] {
@@ -401,12 +430,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edge_moments_double_b
     const auto* pvec = vec.data_ptr<scalar_t>();
     const auto* pu = uu.data_ptr<scalar_t>();
     const auto* pW = W.data_ptr<scalar_t>();
-    double_backward_receivers<scalar_t>(p, recv, pav, pau, paW, pvec, pu, pW, dG.data_ptr<scalar_t>());
-    double_backward_senders<scalar_t>(p, send, pav, pau, paW, G.data_ptr<scalar_t>(), pvec, pu, pW,
+    double_backward_receivers<scalar_t>(p, recv, pav, pau, paW, pvec, pu, pW, dGt.data_ptr<scalar_t>());
+    double_backward_senders<scalar_t>(p, send, pav, pau, paW, Gt.data_ptr<scalar_t>(), pvec, pu, pW,
                                       dvec.data_ptr<scalar_t>(), du.data_ptr<scalar_t>(), dW.data_ptr<scalar_t>(),
                                       compute_vectors);
   });
-  return {dG, dvec, du, dW};
+  return {dGt.transpose(1, 2).contiguous(), dvec, du, dW};
 }
 
 }  // namespace
