@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_label, markdown_table, write_json  # noqa: E402
+from common import RESULTS, fit_and_save, machine, machine_label, markdown_table, warm_up_cell, write_json  # noqa: E402
 
 import gdeq_ext  # noqa: E402
 from gdeq_ext import Batch, BPTTRelax, HybridRelax, ImplicitRelax, delta_q  # noqa: E402
@@ -187,10 +187,7 @@ def memory_worker(spec: dict) -> dict:
             return {"peak_bytes": torch.cuda.max_memory_allocated() - baseline}
         # As in memory.py: a tiny warm-up (one rattled 8-atom cell) pages in code and libraries first, so the peak
         # below is the training step's own; a same-size warm-up would leave a resident heap that the step reuses.
-        from gdeq_ext.train.data import diamond_silicon
-
-        tiny = diamond_silicon((1, 1, 1))
-        tiny.rattle(0.05, seed=0)
+        tiny = warm_up_cell()
         tiny.arrays["target"] = tiny.get_positions()
         loss_of(method, model, [tiny], args).backward()
         model.zero_grad(set_to_none=True)
@@ -225,7 +222,7 @@ def base_model(args) -> str:
     path = CACHE / f"base_mlip_basins_{size}_{args.dtype}.pt"
     if path.exists():
         return str(path)
-    from gdeq_ext.train import fit_forces, silicon_dataset
+    from gdeq_ext.train import silicon_dataset
 
     n_rattled, n_thermal = (96, 48) if args.quick else (192, 96)
     print(f"fitting the base MLIP ({n_rattled} rattled + {n_thermal} thermal bulk cells; cached at {path}) ...")
@@ -239,18 +236,8 @@ def base_model(args) -> str:
         temperatures=(600.0, 1500.0, 2500.0),
     )
     model = MLIP().to(getattr(torch, args.dtype))
-    result = fit_forces(
-        model,
-        data,
-        epochs=400 if args.quick else 1500,
-        max_time_s=420 if args.quick else 3600,
-        patience=60,
-        progress=False,
-    )
-    print("  " + result.summary(), flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path)
-    return str(path)
+    options = dict(epochs=400 if args.quick else 1500, max_time_s=420 if args.quick else 3600, patience=60)
+    return str(fit_and_save(model, data, path, **options))
 
 
 # ----------------------------------------------------------------------------------------------- report

@@ -10,17 +10,9 @@ from pathlib import Path
 
 import torch
 
+from gdeq_ext.hardware import cpu_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(device: str) -> dict:
@@ -65,3 +57,25 @@ def update_readme_section(readme: Path, name: str, content: str) -> None:
     before, rest = text.split(start, 1)
     _, after = rest.split(end, 1)
     readme.write_text(f"{before}{start}\n{content.strip()}\n{end}{after}")
+
+
+def fit_and_save(model, data, path: Path, **fit_options) -> Path:
+    """Force-match ``model`` to ``data`` with :func:`gdeq_ext.train.fit_forces` (no progress bar), print the fit's
+    summary, and save the model to ``path`` (the benchmarks' cached base potentials)."""
+    from gdeq_ext.train import fit_forces
+
+    result = fit_forces(model, data, progress=False, **fit_options)
+    print("  " + result.summary(), flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return path
+
+
+def warm_up_cell():
+    """One rattled 8-atom diamond Si cell (ase.Atoms): the workers' warm-up before a CPU memory measurement pages in
+    code and libraries without leaving a freed heap the size of the measured step behind."""
+    from gdeq_ext.train.data import diamond_silicon
+
+    atoms = diamond_silicon((1, 1, 1))
+    atoms.rattle(0.05, seed=0)
+    return atoms

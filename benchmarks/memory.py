@@ -37,7 +37,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_label, markdown_table, update_readme_section, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    fit_and_save,
+    machine,
+    machine_label,
+    markdown_table,
+    update_readme_section,
+    warm_up_cell,
+    write_json,
+)
 
 import gdeq_ext  # noqa: E402
 from gdeq_ext import Batch, BPTTRelax, HybridRelax, ImplicitRelax, delta_q  # noqa: E402
@@ -92,16 +101,11 @@ def base_model(path: Path, dtype: torch.dtype, quick: bool) -> Path:
     """A base MLIP fitted to SW forces on bulk cells; cached at ``path`` (fitting takes a minute or two)."""
     if path.exists():
         return path
-    from gdeq_ext.train import fit_forces, silicon_dataset
+    from gdeq_ext.train import silicon_dataset
 
     print(f"fitting a base MLIP to Stillinger-Weber forces (cached at {path}) ...", flush=True)
     data = silicon_dataset(24 if quick else 96, 8 if quick else 32, repeat=(2, 2, 2), potential=StillingerWeber())
-    model = MLIP().to(dtype)
-    result = fit_forces(model, data, epochs=60 if quick else 300, max_time_s=90 if quick else 900, progress=False)
-    print(f"  validation force MAE {result.val_force_mae:.3f} eV/Å", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path)
-    return path
+    return fit_and_save(MLIP().to(dtype), data, path, epochs=60 if quick else 300, max_time_s=90 if quick else 900)
 
 
 def prepare_setup(args, repeat: int) -> Path:
@@ -208,11 +212,7 @@ def warm_up_config(config: Config) -> Config:
 
 
 def warm_up_batch(config: Config, dtype: torch.dtype) -> tuple[Batch, torch.Tensor]:
-    from gdeq_ext.train.data import diamond_silicon
-
-    atoms = diamond_silicon((1, 1, 1))
-    atoms.rattle(0.05, seed=0)
-    batch = Batch.from_ase([atoms], dtype=dtype)
+    batch = Batch.from_ase([warm_up_cell()], dtype=dtype)
     targets = torch.zeros_like(batch.positions) if config.mode == "force-step" else batch.positions.clone()
     return batch, targets
 

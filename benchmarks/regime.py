@@ -36,7 +36,7 @@ from ase import Atoms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from basins import Method, evaluate, fine_tune  # noqa: E402
-from common import RESULTS, machine, machine_label, markdown_table, write_json  # noqa: E402
+from common import RESULTS, fit_and_save, machine, machine_label, markdown_table, write_json  # noqa: E402
 
 from gdeq_ext import diagnose, silicon_defects  # noqa: E402
 from gdeq_ext.diagnose import ase_relax  # noqa: E402
@@ -134,25 +134,15 @@ def labelled(structures, calculator):
 
 def fit_base(name: str, species: int, cutoff: float, structures, calculator, args) -> str:
     """Force matching (cached): an MLIP for ``species`` fitted to ``calculator`` on ``structures``."""
-    from gdeq_ext.train import fit_forces
-
     path = CACHE / f"regime_base_{name}_{'quick' if args.quick else 'full'}_{args.dtype}.pt"
     if path.exists():
         return str(path)
     print(f"fitting the {name} base MLIP on {len(structures)} structures ...", flush=True)
     model = MLIP(species=(species,), cutoff=cutoff).to(getattr(torch, args.dtype))
-    result = fit_forces(
-        model,
-        labelled(structures, calculator),
-        epochs=300 if args.quick else 1000,
-        max_time_s=args.fit_time,
-        patience=40,
-        progress=False,
+    data = labelled(structures, calculator)
+    return str(
+        fit_and_save(model, data, path, epochs=300 if args.quick else 1000, max_time_s=args.fit_time, patience=40)
     )
-    print("  " + result.summary(), flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path)
-    return str(path)
 
 
 def rattled(make, n, amplitudes, seed_name):

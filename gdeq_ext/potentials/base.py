@@ -8,13 +8,21 @@ our own potentials share: a cutoff, precomputed neighbor lists, ``energy_forces`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
 from gdeq_ext.data.batch import Batch
 
-__all__ = ["Edges", "Potential", "energy_forces", "hessian_vector_product"]
+__all__ = [
+    "Edges",
+    "Potential",
+    "call_energy",
+    "energy_forces",
+    "hessian_vector_product",
+    "trainable_parameters",
+]
 
 
 class Edges(NamedTuple):
@@ -55,10 +63,21 @@ class Potential(torch.nn.Module):
         return energy_forces(self, batch, edges=edges, create_graph=create_graph)
 
 
-def _call(potential, batch: Batch, edges: Edges | None) -> torch.Tensor:
+def call_energy(potential, batch: Batch, edges: Edges | None) -> torch.Tensor:
+    """Per-structure energies (n_systems,) eV: ``potential.energy(batch, edges)`` for our potentials when a
+    neighbor list is given, else ``potential(batch)``."""
     if edges is not None and isinstance(potential, Potential):
         return potential.energy(batch, edges)
     return potential(batch)
+
+
+def trainable_parameters(potential, parameters: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """θ: the given tensors, or every parameter of ``potential`` (an nn.Module) that requires grad."""
+    if parameters is not None:
+        return tuple(parameters)
+    if isinstance(potential, torch.nn.Module):
+        return tuple(p for p in potential.parameters() if p.requires_grad)
+    return ()
 
 
 def energy_forces(
@@ -74,7 +93,7 @@ def energy_forces(
         positions = positions.detach().requires_grad_(True)
         batch = batch.with_positions(positions)
     with torch.enable_grad():
-        energy = _call(potential, batch, edges)
+        energy = call_energy(potential, batch, edges)
         (grad,) = torch.autograd.grad(energy.sum(), positions, create_graph=create_graph)
     return (energy if create_graph else energy.detach()), -grad
 
@@ -86,7 +105,7 @@ def hessian_vector_product(
     positions = batch.positions.detach().requires_grad_(True)
     batch = batch.with_positions(positions)
     with torch.enable_grad():
-        energy = _call(potential, batch, edges)
+        energy = call_energy(potential, batch, edges)
         (grad,) = torch.autograd.grad(energy.sum(), positions, create_graph=True)
         (hv,) = torch.autograd.grad(grad, positions, grad_outputs=vector, create_graph=create_graph)
     return hv

@@ -31,21 +31,9 @@ from collections.abc import Sequence
 import torch
 
 from gdeq_ext.data.batch import Batch
-from gdeq_ext.potentials.base import Edges, Potential, energy_forces
+from gdeq_ext.potentials.base import Edges, Potential, call_energy, energy_forces, trainable_parameters
 
 __all__ = ["force", "recomputed_forces"]
-
-
-def _energy(potential, batch: Batch, edges: Edges | None) -> torch.Tensor:
-    if edges is not None and isinstance(potential, Potential):
-        return potential.energy(batch, edges)
-    return potential(batch)
-
-
-def _parameters(potential) -> tuple[torch.Tensor, ...]:
-    if isinstance(potential, torch.nn.Module):
-        return tuple(p for p in potential.parameters() if p.requires_grad)
-    return ()
 
 
 class _Force(torch.autograd.Function):
@@ -55,9 +43,9 @@ class _Force(torch.autograd.Function):
     def forward(ctx, potential, batch: Batch, edges, positions: torch.Tensor, *parameters):
         with torch.enable_grad():
             x = positions.detach().requires_grad_(True)
-            energy = _energy(potential, batch.with_positions(x), edges)
+            energy = call_energy(potential, batch.with_positions(x), edges)
             (grad,) = torch.autograd.grad(energy.sum(), x)
-        ctx.potential, ctx.batch, ctx.edges, ctx.n_parameters = potential, batch, edges, len(parameters)
+        ctx.potential, ctx.batch, ctx.edges = potential, batch, edges
         # θ is saved (not only referenced) so that autograd's version counter catches an optimizer step taken
         # between forward and backward: the recomputation would otherwise silently use the new θ.
         ctx.save_for_backward(positions, *parameters)
@@ -71,12 +59,12 @@ class _Force(torch.autograd.Function):
         wanted = [p for p, need in zip(parameters, ctx.needs_input_grad[4:], strict=True) if need]
         create_graph = torch.is_grad_enabled()
         if (grad_energy is None and grad_forces is None) or not (needs_x or wanted):
-            return (None, None, None, None, *([None] * ctx.n_parameters))
+            return (None,) * len(ctx.needs_input_grad)
         with torch.enable_grad():
             # Under create_graph the recomputation hangs off the saved X itself, so that second derivatives
             # reach whatever X came from; otherwise a fresh leaf keeps the backward graph local.
             x = positions if create_graph and positions.requires_grad else positions.detach().requires_grad_(True)
-            energy = _energy(ctx.potential, ctx.batch.with_positions(x), ctx.edges)
+            energy = call_energy(ctx.potential, ctx.batch.with_positions(x), ctx.edges)
             (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=True)
             # One scalar whose gradient is the whole VJP: ē·E - w·∂E/∂X  (F = -∂E/∂X).
             scalar = energy.new_zeros(())
@@ -119,7 +107,7 @@ def force(
     """
     if edges is None and isinstance(potential, Potential) and getattr(potential, "cutoff", None) is not None:
         edges = potential.neighbors(batch.with_positions(batch.positions.detach()))
-    parameters = _parameters(potential) if parameters is None else tuple(parameters)
+    parameters = trainable_parameters(potential, parameters)
     return _Force.apply(potential, batch, edges, batch.positions, *parameters)
 
 

@@ -163,15 +163,19 @@ class MLIP(SaveLoadMixin, Potential):
         edge_index, shifts = edges if edges is not None else self.neighbors(batch)
         vectors, distances = edge_vectors(batch.positions, batch.cell, edge_index, shifts, batch.system)
         check_overlaps(batch, edge_index, distances)
+        backend = self.backend
+        if backend == "fused" and not has_fused_kernels(vectors.device):
+            warn_fallback("edge_moments")
+            backend = "reference"
         # Pairs beyond r_c contribute exactly zero (f_c ≡ 0 there). The fused kernels skip them at the cost of one
         # distance; for the padded reference, dropping them first saves work (a Verlet list has ~40 % more pairs).
-        if self.backend == "reference" or not has_fused_kernels(vectors.device):
+        if backend == "reference":
             keep = (distances.detach() < self.cutoff).nonzero().flatten()
             edge_index, vectors = edge_index[:, keep], vectors[keep]
 
         h = self.embedding(species)
         for layer in self.layers:
-            h = layer(h, vectors, edge_index, self.cutoff, self.backend)
+            h = layer(h, vectors, edge_index, self.cutoff, backend)
         return self.readout(h).squeeze(-1) + self.reference_energy[species]
 
     def energy(self, batch: Batch, edges: Edges | None = None) -> torch.Tensor:

@@ -10,13 +10,13 @@ ever calls ``force_fn`` and differentiates its output.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
 from gdeq_ext.data.batch import Batch
 from gdeq_ext.neighbors.verlet import VerletList
-from gdeq_ext.potentials.base import Edges, Potential, energy_forces
+from gdeq_ext.potentials.base import Edges, Potential, energy_forces, trainable_parameters
 
 __all__ = ["ForceFn", "default_force_fn", "edges_for", "make_verlet", "trainable_parameters"]
 
@@ -25,15 +25,6 @@ ForceFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 def default_force_fn(force_fn: ForceFn | None) -> ForceFn:
     return energy_forces if force_fn is None else force_fn
-
-
-def trainable_parameters(potential, parameters: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
-    """θ: the given tensors, or every parameter of ``potential`` (an nn.Module) that requires grad."""
-    if parameters is not None:
-        return tuple(parameters)
-    if isinstance(potential, torch.nn.Module):
-        return tuple(p for p in potential.parameters() if p.requires_grad)
-    return ()
 
 
 def make_verlet(potential, skin: float) -> VerletList | None:

@@ -32,7 +32,6 @@ import csv
 import glob
 import math
 import os
-import platform
 import random
 import re
 import signal
@@ -48,6 +47,7 @@ import torch.distributed as dist
 
 from gdeq_ext.data.batch import Batch
 from gdeq_ext.data.relaxation_pairs import RelaxationPairs, read_relaxation_pairs
+from gdeq_ext.hardware import describe
 from gdeq_ext.loss import delta_q
 from gdeq_ext.relax import BPTTRelax, HybridRelax, ImplicitRelax, fire
 from gdeq_ext.relax.checks import NonFiniteError
@@ -455,21 +455,6 @@ def _write_csv(rows: Sequence[dict], path: str, append: bool = False) -> None:
             writer.writerow([_format(row.get(column)) for column in COLUMNS])
 
 
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
 def plot_learning_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "") -> bool:
     """A PNG of ΔQ, correct-basin rate, fmax, relaxation steps and solver iterations, memory and lr per step.
 
@@ -752,7 +737,7 @@ def fit_relaxation(
         + (f" T={relax_config.bptt_steps}" if relax_config.mode == "bptt" else "")
         + f", batch {run.batch_size} structures over {context.world_size} process"
         + ("es" if context.world_size > 1 else "")
-        + f", {len(train)} training pairs, {str(dtype).removeprefix('torch.')}, {_hardware(device)}"
+        + f", {len(train)} training pairs, {str(dtype).removeprefix('torch.')}, {describe(device)}"
     )
     files = _Outputs(output_dir, context) if output_dir else None
     if files is not None:
