@@ -26,20 +26,44 @@ from torch.autograd.function import once_differentiable
 
 from gdeq_ext.data.batch import Batch
 from gdeq_ext.gradients.fixed_point import fixed_point_solve
+from gdeq_ext.gradients.hessian import HessianOperator
 from gdeq_ext.gradients.krylov import SolveInfo, conjugate_gradient, minres, warn_unconverged
-from gdeq_ext.gradients.projection import RigidModeProjector
 
 __all__ = [
+    "ON_INVALID",
     "SOLVERS",
+    "InvalidGradientError",
     "ImplicitContext",
     "ImplicitSolveOptions",
     "SolveRecord",
     "attach_implicit",
     "implicit_vjp",
+    "screen_solution",
     "solve_hessian",
 ]
 
 SOLVERS = ("cg", "minres", "fixed_point")
+# What happens to a structure whose gradient is not trustworthy (unconverged relaxation, saddle, failed solve):
+# "raise" an InvalidGradientError, "skip" it (its gradient contribution is zeroed and counted), or "warn" and use it.
+# Non-finite or diverged solves are dropped under every policy.
+ON_INVALID = ("raise", "skip", "warn")
+
+
+class InvalidGradientError(RuntimeError):
+    """No trustworthy gradient for some structures (the message names each one and why) and ``on_invalid="raise"``."""
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False, integer: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a finite number > 0 (>= 0 with ``allow_zero``); NaN fails."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    ok = (number >= 0 if allow_zero else number > 0) and number != float("inf")
+    if not ok or (integer and number != int(number)):
+        kind = "integer" if integer else "number"
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite {kind} {bound}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -59,6 +83,8 @@ class ImplicitSolveOptions:
             translations are always projected).
         fixed_point_alpha: α in Å²/eV for solver="fixed_point" (default 0.01).
         warn: warn (LinearSolveWarning) naming structures that did not reach tolerance (default True).
+        on_invalid: "raise" | "skip" | "warn" (default "warn"): what a structure whose solve failed or met negative
+            curvature does to the gradient (see :func:`screen_solution`).
     """
 
     solver: str = "cg"
@@ -69,21 +95,37 @@ class ImplicitSolveOptions:
     project_rotations: bool = True
     fixed_point_alpha: float = 0.01
     warn: bool = True
+    on_invalid: str = "warn"
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
-        if not self.damping >= 0:
-            raise ValueError(f"damping must be non-negative, got {self.damping}")
+        if self.on_invalid not in ON_INVALID:
+            raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {self.on_invalid!r}")
+        check_positive("damping", self.damping, allow_zero=True)
+        check_positive("fixed_point_alpha", self.fixed_point_alpha)
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                if not bool(((value >= 0) & torch.isfinite(value)).all()):
+                    raise ValueError(f"{name} must be finite and >= 0 for every structure, got {value.tolist()}")
+            else:
+                check_positive(name, value, allow_zero=True)
+        if isinstance(self.rtol, (int, float)) and isinstance(self.atol, (int, float)) and self.rtol == self.atol == 0:
+            raise ValueError("rtol and atol are both 0: no solve can reach that tolerance; give one of them > 0")
+        if self.max_iter is not None and not isinstance(self.max_iter, torch.Tensor):
+            check_positive("max_iter", self.max_iter, integer=True)
 
 
 @dataclass
 class SolveRecord:
-    """Diagnostics written by the backward pass: the latest :class:`SolveInfo` and running totals."""
+    """Diagnostics written by the backward pass: the latest :class:`SolveInfo`, running totals, and ``dropped``
+    ((n_systems,) bool: structures whose gradient contribution the latest backward zeroed, or None)."""
 
     info: SolveInfo | None = None
     calls: int = 0
     hvps: int = 0
+    dropped: torch.Tensor | None = None
 
 
 @dataclass
@@ -99,6 +141,8 @@ class ImplicitContext:
         options: :class:`ImplicitSolveOptions`.
         handoff: β, scale of the straight-through cotangent passed to the anchor.
         record: where the backward writes its diagnostics.
+        exclude: (n_systems,) bool, structures found invalid in the forward pass whose gradient contribution is
+            skipped (zeroed), or None.
     """
 
     potential: object
@@ -109,6 +153,7 @@ class ImplicitContext:
     options: ImplicitSolveOptions = field(default_factory=ImplicitSolveOptions)
     handoff: float = 0.0
     record: SolveRecord = field(default_factory=SolveRecord)
+    exclude: torch.Tensor | None = None
 
 
 def solve_hessian(
@@ -149,6 +194,7 @@ def solve_hessian(
                 converged=torch.where(pick, info_minres.converged, info.converged),
                 indefinite=info.indefinite,
                 matvecs=info.matvecs + info_minres.matvecs,
+                singular=torch.where(pick, info_minres.singular, info.singular),
             )
     if options.warn:
         warn_unconverged(info, stacklevel=4)
@@ -164,8 +210,9 @@ def implicit_vjp(
     edges=None,
     force_fn: Callable | None = None,
     options: ImplicitSolveOptions | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> tuple[tuple[torch.Tensor | None, ...], SolveInfo, torch.Tensor]:
-    """dL/dθ = uᵀ ∂F/∂θ at X* with H u = g.
+    """dL/dθ = uᵀ ∂F/∂θ at X* with H u = g, never using a solve that failed unless the policy says so.
 
     Args:
         potential: the potential; batch: the structures (cell, pbc, numbers, system).
@@ -174,36 +221,99 @@ def implicit_vjp(
         parameters: tensors θ (each receives a gradient of its own shape, or None if F does not use it).
         edges: neighbor list valid at X*, or None.
         force_fn: defaults to :func:`gdeq_ext.potentials.base.energy_forces` (generic autograd path).
-        options: :class:`ImplicitSolveOptions`.
+        options: :class:`ImplicitSolveOptions` (``on_invalid`` decides what a failed solve does).
+        exclude: (n_systems,) bool, structures whose contribution is dropped before solving (their g is zeroed).
 
     Returns:
-        (gradients per parameter, :class:`SolveInfo`, u (n_atoms, 3) in Å²/eV per unit of g).
+        (gradients per parameter, :class:`SolveInfo`, u (n_atoms, 3) in Å²/eV per unit of g). ``info.dropped``
+        says which structures' u was zeroed (excluded, or their solve failed: see :func:`screen_solution`).
+
+    Raises:
+        InvalidGradientError: ``on_invalid="raise"`` and some structure's solve failed or met negative curvature.
     """
     if force_fn is None:
         from gdeq_ext.potentials.base import energy_forces as force_fn
     options = options or ImplicitSolveOptions()
+    g = grad.detach()
+    if exclude is not None and bool(exclude.any()):
+        g = torch.where(exclude[batch.system].unsqueeze(1), 0.0, g)
+    operator = HessianOperator(
+        potential,
+        batch,
+        x_star,
+        edges,
+        force_fn,
+        project_rotations=options.project_rotations,
+        damping=options.damping,
+    )
+    u, info = solve_hessian(operator, g, batch, operator.projector, options)
+    u, info = screen_solution(u, info, batch, options, exclude)
+    wanted = [p for p in parameters if p.requires_grad]
     with torch.enable_grad():
-        x = x_star.detach().requires_grad_(True)
-        _, forces = force_fn(potential, batch.with_positions(x), edges, create_graph=True)
-        projector = RigidModeProjector(
-            x_star.detach(), batch.system, batch.n_systems, batch.pbc, rotations=options.project_rotations
-        )
-        damping = options.damping
-
-        def hessian_product(v: torch.Tensor) -> torch.Tensor:
-            (jvp,) = torch.autograd.grad(forces, x, v, retain_graph=True, allow_unused=True)
-            hv = torch.zeros_like(v) if jvp is None else -jvp
-            return hv + damping * v if damping else hv
-
-        u, info = solve_hessian(hessian_product, grad.detach(), batch, projector, options)
-        wanted = [p for p in parameters if p.requires_grad]
         grads_wanted = (
-            torch.autograd.grad(forces, wanted, u, allow_unused=True)
-            if wanted and forces.requires_grad
+            torch.autograd.grad(operator.forces, wanted, u, allow_unused=True)
+            if wanted and operator.forces.requires_grad
             else [None] * len(wanted)
         )
     by_id = {id(p): g for p, g in zip(wanted, grads_wanted, strict=True)}
     return tuple(by_id.get(id(p)) for p in parameters), info, u
+
+
+def screen_solution(
+    u: torch.Tensor,
+    info: SolveInfo,
+    batch: Batch,
+    options: ImplicitSolveOptions,
+    exclude: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, SolveInfo]:
+    """Apply the ``on_invalid`` policy to a solve: zero u where it must not be used; fill ``info.dropped``.
+
+    A structure's solve is *unusable* when u or its residual is non-finite or the true residual is not below ||g||
+    (a diverged iteration, e.g. the fixed-point backward at a saddle): it is zeroed under every policy, because a
+    gradient built from it is noise. A solve that is finite but above tolerance, or met negative curvature (the
+    structure is not at a minimum), is *failed*: "raise" raises :class:`InvalidGradientError`, "skip" zeroes it,
+    "warn" keeps it (the LinearSolveWarning of ``options.warn`` names it).
+    """
+    system = batch.system
+    finite_u = torch.isfinite(u).all(dim=1).to(torch.int64)
+    finite = torch.ones(batch.n_systems, dtype=torch.int64, device=u.device)
+    finite = finite.scatter_reduce_(0, system, finite_u, "amin", include_self=True).bool()
+    posed = info.rhs_norm > 0
+    unusable = posed & (~finite | ~torch.isfinite(info.residual) | ~(info.residual < info.rhs_norm))
+    failed = posed & ~unusable & (~info.converged | info.indefinite)
+    if exclude is not None:
+        unusable, failed = unusable & ~exclude, failed & ~exclude
+    if options.on_invalid == "raise" and bool((unusable | failed).any()):
+        details = "; ".join(
+            f"structure {s}: " + _solve_problem(info, s) for s in (unusable | failed).nonzero().flatten().tolist()
+        )
+        raise InvalidGradientError(f"implicit backward ({info.method}) failed: {details}")
+    drop = unusable | (failed if options.on_invalid == "skip" else torch.zeros_like(failed))
+    if exclude is not None:
+        drop = drop | exclude
+    if bool(drop.any()):
+        u = torch.where(drop[system].unsqueeze(1), 0.0, u)
+    info.dropped = drop
+    info.unusable = unusable
+    return u, info
+
+
+def _solve_problem(info: SolveInfo, s: int) -> str:
+    problems = []
+    if not bool(torch.isfinite(info.residual[s])):
+        problems.append("non-finite solution")
+    elif not bool(info.residual[s] < info.rhs_norm[s]):
+        problems.append(f"diverged (residual {float(info.residual[s]):.3g} >= |g| {float(info.rhs_norm[s]):.3g})")
+    elif not bool(info.converged[s]):
+        problems.append(
+            f"residual {float(info.residual[s]):.3g} > tolerance {float(info.tolerance[s]):.3g} "
+            f"after {int(info.iterations[s])} iterations"
+        )
+    if bool(info.indefinite[s]):
+        problems.append("negative curvature (not a minimum: a saddle?)")
+    if bool(info.singular[s]):
+        problems.append("singular Hessian (g outside its range)")
+    return ", ".join(problems) or "failed"
 
 
 class _ImplicitGradient(torch.autograd.Function):
@@ -221,22 +331,22 @@ class _ImplicitGradient(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         context: ImplicitContext = ctx.context
         x_star, *_ = ctx.saved_tensors
-        grad_anchor = None
-        if ctx.has_anchor and ctx.needs_input_grad[2]:
-            grad_anchor = context.handoff * grad
+        batch, exclude = context.batch, context.exclude
         needs = ctx.needs_input_grad[3:]
         grad_parameters: tuple = (None,) * len(needs)
+        dropped = exclude
         if any(needs):
             wanted = [p for p, n in zip(context.parameters, needs, strict=True) if n]
             grads, info, _ = implicit_vjp(
                 context.potential,
-                context.batch,
+                batch,
                 x_star,
                 grad,
                 wanted,
                 edges=context.edges,
                 force_fn=context.force_fn,
                 options=context.options,
+                exclude=exclude,
             )
             by_id = {id(p): g for p, g in zip(wanted, grads, strict=True)}
             grad_parameters = tuple(
@@ -245,6 +355,14 @@ class _ImplicitGradient(torch.autograd.Function):
             context.record.info = info
             context.record.calls += 1
             context.record.hvps += info.matvecs
+            dropped = info.dropped
+        context.record.dropped = dropped
+        grad_anchor = None
+        if ctx.has_anchor and ctx.needs_input_grad[2]:
+            grad_anchor = context.handoff * grad
+            if dropped is not None and bool(dropped.any()):
+                # A skipped structure contributes nothing, through the window either.
+                grad_anchor = torch.where(dropped[batch.system].unsqueeze(1), 0.0, grad_anchor)
         return (None, None, grad_anchor, *grad_parameters)
 
 

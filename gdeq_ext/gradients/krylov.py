@@ -5,9 +5,12 @@ scalar of the recurrences (step lengths, Lanczos coefficients, Givens rotations)
 each structure converges, stops and is reported on its own. Vectors are packed like positions:
 (n_atoms, 3), grouped by ``system``.
 
-A structure has converged when ||b_s - A x_s|| <= max(rtol_s ||b_s||, atol_s). ``residual`` in the
-returned :class:`SolveInfo` is the residual norm the recurrence carries (CG: ||r_k||; MINRES: phibar_k),
-equal to the true residual up to round-off.
+A structure has converged when ||b_s - A x_s|| <= max(rtol_s ||b_s||, atol_s). The recurrences carry a residual
+estimate (CG: ||r_k||; MINRES: phibar_k) that decides when to stop; before anything is reported, one more batched
+product measures the *true* residual ||b - A x|| of the returned x, and ``converged`` is judged on that. (The
+estimate can be wrong: on a singular block, MINRES's phibar drops to 0 when the Krylov space is exhausted although
+b is not in the range of A; in finite precision both estimates drift from the truth on ill-conditioned blocks.)
+Such blocks are flagged ``singular``; blocks where CG met non-positive curvature are flagged ``indefinite``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ import torch
 
 from gdeq_ext.gradients.batched import per_atom, structure_dot, structure_norm
 
-__all__ = ["LinearSolveWarning", "SolveInfo", "conjugate_gradient", "minres", "warn_unconverged"]
+__all__ = [
+    "LinearSolveWarning",
+    "SolveInfo",
+    "conjugate_gradient",
+    "minres",
+    "true_residual",
+    "warn_unconverged",
+]
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 Projector = Callable[[torch.Tensor], torch.Tensor]
@@ -37,12 +47,19 @@ class SolveInfo:
     Attributes:
         method: "cg", "minres", "fixed_point" or "cg+minres" (CG with a MINRES retry).
         iterations: (n_systems,) int64, operator applications that structure used.
-        residual: (n_systems,) float, final residual norm ||b - A x|| (units of b).
+        residual: (n_systems,) float, the true residual norm ||b - A x|| of the returned x (units of b),
+            measured by one extra product after the recurrence stopped.
         rhs_norm: (n_systems,) float, ||b|| after projection.
         tolerance: (n_systems,) float, the residual each structure had to reach.
         converged: (n_systems,) bool.
         indefinite: (n_systems,) bool, CG met p·Ap <= 0 (A not positive definite there).
-        matvecs: batched operator applications in total (= Hessian-vector products of the batch).
+        matvecs: batched operator applications in total (= Hessian-vector products of the batch), the one that
+            measures the true residual included.
+        singular: (n_systems,) bool, the Krylov space was exhausted (MINRES: beta = 0; CG: p·Ap = 0) while the true
+            residual stayed above tolerance: b is not in the range of A (A singular on that block).
+        dropped, unusable: filled by the implicit backward's screening (``gradients.implicit_function``):
+            (n_systems,) bool, structures whose solution was zeroed, and those whose solve was non-finite or
+            diverged (zeroed under every policy); None for a bare solve.
     """
 
     method: str
@@ -53,6 +70,13 @@ class SolveInfo:
     converged: torch.Tensor
     indefinite: torch.Tensor
     matvecs: int
+    singular: torch.Tensor | None = None
+    dropped: torch.Tensor | None = None
+    unusable: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.singular is None:
+            self.singular = torch.zeros_like(self.converged)
 
     @property
     def relative_residual(self) -> torch.Tensor:
@@ -75,6 +99,13 @@ def _setup(b, system, n_systems, rtol, atol, max_iter, project):
         max_iter = 30 * torch.bincount(system, minlength=n_systems) + 10
     cap = torch.as_tensor(max_iter, dtype=torch.int64, device=b.device).expand(n_systems).clone()
     return project, b, rhs_norm, tolerance, cap
+
+
+def true_residual(
+    matvec: MatVec, project: Projector, b: torch.Tensor, x: torch.Tensor, system: torch.Tensor, n_systems: int
+) -> torch.Tensor:
+    """||b - P A x|| per structure (n_systems,): one batched product (``b`` already projected)."""
+    return structure_norm(b - project(matvec(x)), system, n_systems)
 
 
 def conjugate_gradient(
@@ -110,6 +141,7 @@ def conjugate_gradient(
     rs = rhs_norm.square()
     done = rhs_norm <= tolerance
     indefinite = torch.zeros_like(done)
+    exhausted = torch.zeros_like(done)
     iterations = torch.zeros(n_systems, dtype=torch.int64, device=b.device)
     p = torch.where(per_atom(done, system), 0.0, r)
     matvecs = 0
@@ -122,7 +154,8 @@ def conjugate_gradient(
         iterations += active
         p_ap = structure_dot(p, ap, system, n_systems)
         negative = active & ~(p_ap > 0)  # also catches NaN curvature
-        indefinite |= negative
+        exhausted |= active & (p_ap == 0)  # A p = 0 on this block: a null direction, not negative curvature
+        indefinite |= negative & ~(p_ap == 0)
         step = active & ~negative
         alpha = torch.where(step, rs / torch.where(step, p_ap, 1.0), 0.0)
         x = x + per_atom(alpha, system) * p
@@ -132,16 +165,20 @@ def conjugate_gradient(
         beta = torch.where(step, rs_new / torch.where(step, rs, 1.0), 0.0)
         rs = rs_new
         p = torch.where(per_atom(step & ~done, system), r + per_atom(beta, system) * p, 0.0)
-    residual = rs.sqrt()
+    residual = true_residual(matvec, project, b, x, system, n_systems)
+    matvecs += 1
+    # NaN residuals compare False: a non-finite solve is never "converged".
+    converged = (residual <= tolerance) & ~indefinite
     info = SolveInfo(
         method="cg",
         iterations=iterations,
         residual=residual,
         rhs_norm=rhs_norm,
         tolerance=tolerance,
-        converged=(residual <= tolerance) & ~indefinite,
+        converged=converged,
         indefinite=indefinite,
         matvecs=matvecs,
+        singular=exhausted & ~converged,
     )
     if warn:
         warn_unconverged(info)
@@ -180,6 +217,7 @@ def minres(
     cs, sn = -torch.ones_like(rhs_norm), zeros.clone()
     w = torch.zeros_like(b)
     w2 = torch.zeros_like(b)
+    exhausted = torch.zeros_like(done)
     matvecs = 0
     k = 0
     while True:
@@ -215,18 +253,25 @@ def minres(
             0.0,
         )
         x = torch.where(mask, x + per_atom(phi, system) * w, x)
-        # beta == 0: the Krylov space is exhausted and phibar == 0, so the structure is solved exactly.
+        # beta == 0: the Krylov space is exhausted. For a nonsingular block that means solved exactly; for a
+        # singular one (b not in the range of A, e.g. A = 0) phibar is 0 too although x is not a solution: only
+        # the true residual below tells the two apart.
+        exhausted |= active & (beta == 0)
         done = done | (active & ((phibar <= tolerance) | (beta == 0)))
         k += 1
+    residual = true_residual(matvec, project, b, x, system, n_systems)
+    matvecs += 1
+    converged = residual <= tolerance
     info = SolveInfo(
         method="minres",
         iterations=iterations,
-        residual=phibar.abs(),
+        residual=residual,
         rhs_norm=rhs_norm,
         tolerance=tolerance,
-        converged=phibar.abs() <= tolerance,
+        converged=converged,
         indefinite=torch.zeros_like(done),
         matvecs=matvecs,
+        singular=exhausted & ~converged,
     )
     if warn:
         warn_unconverged(info)
@@ -246,7 +291,11 @@ def warn_unconverged(info: SolveInfo, stacklevel: int = 3) -> None:
             f"(relative {float(info.relative_residual[s]):.3g}) after {int(info.iterations[s])} iterations"
         )
         if bool(info.indefinite[s]):
-            text += ", non-positive curvature (Hessian not positive definite: use solver='minres')"
+            text += ", indefinite: non-positive curvature (the Hessian is not positive definite: a saddle?)"
+        if bool(info.singular[s]):
+            text += ", singular: the Krylov space was exhausted with b outside the range of the Hessian"
+        if not bool(torch.isfinite(info.residual[s])):
+            text += ", non-finite"
         details.append(text)
     warnings.warn(
         f"{info.method} did not converge for {len(failed)} of {info.converged.numel()} structures: "

@@ -5,7 +5,9 @@ from gdeq_ext.relax.checks import NonFiniteError, RelaxationWarning, structure_f
 from gdeq_ext.relax.fire import FIREParameters, FIREResult, fire
 from gdeq_ext.relax.hybrid import HybridRelax
 from gdeq_ext.relax.implicit import ImplicitRelax
+from gdeq_ext.relax.polish import PolishOptions, PolishResult, polish
 from gdeq_ext.relax.result import RelaxResult
+from gdeq_ext.relax.validity import Validity, apply_policy
 from gdeq_ext.relax.window import capped_step, run_window
 
 __all__ = [
@@ -15,10 +17,15 @@ __all__ = [
     "HybridRelax",
     "ImplicitRelax",
     "NonFiniteError",
+    "PolishOptions",
+    "PolishResult",
     "RelaxResult",
     "RelaxationWarning",
+    "Validity",
+    "apply_policy",
     "capped_step",
     "fire",
+    "polish",
     "run_window",
     "structure_fmax",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from gdeq_ext.data.batch import Batch
+from gdeq_ext.gradients.implicit_function import check_positive
 from gdeq_ext.relax.checks import check_finite, structure_fmax
 from gdeq_ext.relax.forces import ForceFn, default_force_fn, edges_for, make_verlet
 from gdeq_ext.relax.result import RelaxResult
@@ -49,8 +50,11 @@ class BPTTRelax:
         skin: float = 0.5,
         force_fn: ForceFn | None = None,
     ):
-        if steps < 0:
-            raise ValueError(f"steps must be non-negative, got {steps}")
+        check_positive("steps", steps, allow_zero=True, integer=True)
+        check_positive("alpha", alpha)
+        check_positive("maxstep", maxstep)
+        check_positive("fmax", fmax, allow_zero=True)  # 0: never stop early
+        check_positive("skin", skin, allow_zero=True)
         self.potential = potential
         self.steps = int(steps)
         self.alpha = float(alpha)

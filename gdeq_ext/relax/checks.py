@@ -8,7 +8,14 @@ import torch
 
 from gdeq_ext.data.batch import Batch
 
-__all__ = ["NonFiniteError", "RelaxationWarning", "check_finite", "structure_fmax", "warn_not_converged"]
+__all__ = [
+    "NonFiniteError",
+    "RelaxationWarning",
+    "check_finite",
+    "isolated_atoms",
+    "structure_fmax",
+    "warn_not_converged",
+]
 
 
 class NonFiniteError(FloatingPointError):
@@ -32,17 +39,22 @@ def check_finite(
     step: int | torch.Tensor,
     active: torch.Tensor | None = None,
     where: str = "relaxation",
+    energy: torch.Tensor | None = None,
 ) -> None:
-    """Raise :class:`NonFiniteError` naming every structure (among ``active``) with a non-finite force.
+    """Raise :class:`NonFiniteError` naming every structure (among ``active``) with a non-finite force or energy.
 
     Args:
         forces: (n_atoms, 3) eV/Å.
         step: the step at which the forces were evaluated (int, or (n_systems,) int64 per structure).
         active: (n_systems,) bool, structures to check (default all).
+        energy: (n_systems,) eV, checked too when given: a NaN energy with finite forces is a broken potential,
+            not a converged structure.
     """
     bad_atoms = ~torch.isfinite(forces.detach()).all(dim=1)
     bad = torch.zeros(batch.n_systems, dtype=torch.bool, device=forces.device)
     bad[batch.system[bad_atoms]] = True
+    bad_energy = torch.zeros_like(bad) if energy is None else ~torch.isfinite(energy.detach())
+    bad |= bad_energy
     if active is not None:
         bad &= active
     if not bool(bad.any()):
@@ -51,9 +63,30 @@ def check_finite(
     details = []
     for s in bad.nonzero().flatten().tolist():
         atoms = (bad_atoms[ptr[s] : ptr[s + 1]]).nonzero().flatten().tolist()
-        at = int(step[s]) if isinstance(step, torch.Tensor) else int(step)
-        details.append(f"structure {s} at step {at} (atoms {atoms[:8]}{'...' if len(atoms) > 8 else ''})")
-    raise NonFiniteError(f"non-finite forces in the {where}: " + "; ".join(details))
+        at = int(step[s]) if isinstance(step, torch.Tensor) and step.dim() > 0 else int(step)
+        text = f"structure {s} at step {at}"
+        if atoms:
+            text += f" (atoms {atoms[:8]}{'...' if len(atoms) > 8 else ''})"
+        if bool(bad_energy[s]):
+            text += f" (energy {float(energy[s])})"
+        details.append(text)
+    raise NonFiniteError(f"non-finite forces or energy in the {where}: " + "; ".join(details))
+
+
+def isolated_atoms(batch: Batch, edges, cutoff: float) -> torch.Tensor:
+    """(n_atoms,) bool: atoms with no neighbour closer than ``cutoff`` Å in ``edges`` (which may hold pairs up to a
+    Verlet skin beyond it). Such an atom feels no force at all: a structure whose atoms flew apart is force-free
+    without being relaxed."""
+    i, j = edges.edge_index
+    if i.numel() == 0:
+        return torch.ones(batch.n_atoms, dtype=torch.bool, device=batch.device)
+    x = batch.positions.detach()
+    vectors = x[j] - x[i] + torch.einsum("ek,ekl->el", edges.shifts.to(x.dtype), batch.cell.detach()[batch.system[i]])
+    close = torch.linalg.vector_norm(vectors, dim=1) < cutoff
+    close = close.to(torch.int64)
+    # Count both ends, so half lists (each pair once) are judged like full ones.
+    counts = torch.zeros(batch.n_atoms, dtype=torch.int64, device=x.device).index_add_(0, i, close).index_add_(0, j, close)
+    return counts == 0
 
 
 def warn_not_converged(

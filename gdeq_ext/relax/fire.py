@@ -16,6 +16,7 @@ optional ``downhill_check`` (off by default) is not implemented. No autograd gra
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from gdeq_ext.data.batch import Batch
 from gdeq_ext.gradients.batched import per_atom, structure_dot
 from gdeq_ext.neighbors.verlet import VerletList
 from gdeq_ext.potentials.base import Edges
-from gdeq_ext.relax.checks import check_finite, structure_fmax, warn_not_converged
+from gdeq_ext.relax.checks import RelaxationWarning, check_finite, isolated_atoms, structure_fmax, warn_not_converged
 from gdeq_ext.relax.forces import ForceFn, default_force_fn, edges_for
 
 __all__ = ["FIREParameters", "FIREResult", "fire"]
@@ -48,8 +49,10 @@ class FIREParameters:
 @dataclass
 class FIREResult:
     """Positions (n_atoms, 3) Å (detached), energies (n_systems,) eV, forces (n_atoms, 3) eV/Å,
-    fmax (n_systems,) eV/Å, converged (n_systems,) bool, steps (n_systems,) int64, and the neighbor
-    list valid at the final positions (None for potentials that build their own)."""
+    fmax (n_systems,) eV/Å, converged (n_systems,) bool, steps (n_systems,) int64, the neighbor
+    list valid at the final positions (None for potentials that build their own), and separated (n_systems,)
+    bool: some atom ended with no neighbour within the cutoff (reported as not converged; all False when
+    the potential builds its own neighbors and the check cannot be made)."""
 
     positions: torch.Tensor
     energy: torch.Tensor
@@ -58,6 +61,7 @@ class FIREResult:
     converged: torch.Tensor
     steps: torch.Tensor
     edges: Edges | None
+    separated: torch.Tensor | None = None
 
 
 def fire(
@@ -85,8 +89,13 @@ def fire(
         force_fn: see :mod:`gdeq_ext.relax.forces`.
         step_offset: added to step numbers in error messages (e.g. the window length of a hybrid run).
 
+    A structure in which some atom ends with no neighbour within the potential's cutoff (it flew off: its
+    force is zero because nothing is near it) is not reported as converged: ``separated`` flags it and, with
+    ``warn``, a RelaxationWarning says "atoms separated beyond the cutoff". (Checked when ``verlet`` is given, i.e.
+    for potentials with a cutoff; a structure that started with such an atom is flagged the same way.)
+
     Raises:
-        NonFiniteError: forces of a moving structure became NaN/inf; names the structure and its step.
+        NonFiniteError: forces or the energy of a moving structure became NaN/inf; names the structure and step.
     """
     p = parameters or FIREParameters()
     force_fn = default_force_fn(force_fn)
@@ -101,7 +110,7 @@ def fire(
 
     energy, forces, edges = evaluate(x)
     steps = torch.zeros(n_systems, dtype=torch.int64, device=x.device)
-    check_finite(forces, batch, steps + step_offset, where="FIRE relaxation")
+    check_finite(forces, batch, steps + step_offset, where="FIRE relaxation", energy=energy)
     f_max = structure_fmax(forces, batch)
     converged = f_max < fmax
     active = ~converged & (steps < max_steps)
@@ -142,14 +151,38 @@ def fire(
         steps += active
 
         energy, forces, edges = evaluate(x)
-        check_finite(forces, batch, steps + step_offset, active=active, where="FIRE relaxation")
+        check_finite(forces, batch, steps + step_offset, active=active, where="FIRE relaxation", energy=energy)
         f_max = structure_fmax(forces, batch)
         # A frozen structure stays converged even if a rebuilt neighbor list changes its forces by round-off.
         converged = converged | (active & (f_max < fmax))
         active = ~converged & (steps < max_steps)
 
+    separated = torch.zeros_like(converged)
+    if edges is not None and verlet is not None:
+        lonely = isolated_atoms(batch.with_positions(x), edges, verlet.cutoff)
+        separated[system[lonely]] = True
+        if warn and bool(separated.any()):
+            details = "; ".join(
+                f"structure {s}: atoms {(lonely[a:b]).nonzero().flatten().tolist()[:8]}"
+                for s, (a, b) in enumerate(batch.ranges())
+                if bool(separated[s])
+            )
+            warnings.warn(
+                f"atoms separated beyond the cutoff ({verlet.cutoff:g} Å): no neighbour left, so no force, but not "
+                f"a relaxed structure; reported as not converged ({details})",
+                RelaxationWarning,
+                stacklevel=2,
+            )
+        converged = converged & ~separated
     if warn:
-        warn_not_converged(converged, f_max, steps + step_offset, fmax, "FIRE hit max_steps")
+        warn_not_converged(converged | separated, f_max, steps + step_offset, fmax, "FIRE hit max_steps")
     return FIREResult(
-        positions=x, energy=energy, forces=forces, fmax=f_max, converged=converged, steps=steps, edges=edges
+        positions=x,
+        energy=energy,
+        forces=forces,
+        fmax=f_max,
+        converged=converged,
+        steps=steps,
+        edges=edges,
+        separated=separated,
     )

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from gdeq_ext.data.batch import Batch
+from gdeq_ext.gradients.implicit_function import check_positive
 from gdeq_ext.relax.fire import FIREParameters
 from gdeq_ext.relax.forces import ForceFn, make_verlet
 from gdeq_ext.relax.implicit import ImplicitRelax
+from gdeq_ext.relax.polish import PolishOptions
 from gdeq_ext.relax.result import RelaxResult
 from gdeq_ext.relax.window import run_window
 
@@ -38,7 +41,7 @@ class HybridRelax(ImplicitRelax):
             (faster backward, O(K) graphs of memory); the gradients are bit-identical.
         alpha: Å²/eV window step (default 0.01); maxstep: Å per-atom cap (default 0.2).
         the remaining keyword arguments: as :class:`ImplicitRelax` (solver, rtol, atol, max_iter, damping,
-            project_rotations, fixed_point_alpha, fire, skin, force_fn, parameters, warn).
+            project_rotations, fixed_point_alpha, fire, skin, force_fn, parameters, warn, polish, on_invalid).
 
     ``RelaxResult.steps`` counts window and FIRE steps together.
     """
@@ -66,6 +69,8 @@ class HybridRelax(ImplicitRelax):
         force_fn: ForceFn | None = None,
         parameters: Sequence[torch.Tensor] | None = None,
         warn: bool = True,
+        polish: PolishOptions | None = None,
+        on_invalid: str = "warn",
     ):
         super().__init__(
             potential,
@@ -83,9 +88,14 @@ class HybridRelax(ImplicitRelax):
             force_fn=force_fn,
             parameters=parameters,
             warn=warn,
+            polish=polish,
+            on_invalid=on_invalid,
         )
-        if window < 0:
-            raise ValueError(f"window must be non-negative, got {window}")
+        check_positive("window", window, allow_zero=True, integer=True)
+        check_positive("alpha", alpha)
+        check_positive("maxstep", maxstep)
+        if not math.isfinite(handoff):
+            raise ValueError(f"handoff must be a finite number, got {handoff!r}")
         self.window = int(window)
         self.handoff = float(handoff)
         self.checkpoint = checkpoint
@@ -107,15 +117,16 @@ class HybridRelax(ImplicitRelax):
         )
         anchor = states[-1] if states else None
         start = batch if anchor is None else batch.with_positions(anchor.detach())
-        solved = self._solve(start, verlet, step_offset=self.window)
-        positions, record = self._attach(batch, solved, anchor, self.handoff)
+        solved, polished = self._solve(start, verlet, step_offset=self.window)
+        positions, record, validity = self._attach(batch, solved, polished, anchor, self.handoff)
         return RelaxResult(
             positions=positions,
             converged=solved.converged,
-            fmax=solved.fmax,
+            fmax=polished.fmax,
             steps=solved.steps + self.window,
-            energy=solved.energy,
+            energy=polished.energy,
             batch=batch.with_positions(positions),
             window=tuple(states),
             record=record,
+            validity=validity,
         )

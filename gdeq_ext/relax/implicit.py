@@ -12,10 +12,13 @@ from gdeq_ext.gradients.implicit_function import (
     ImplicitSolveOptions,
     SolveRecord,
     attach_implicit,
+    check_positive,
 )
 from gdeq_ext.relax.fire import FIREParameters, FIREResult, fire
 from gdeq_ext.relax.forces import ForceFn, default_force_fn, make_verlet, trainable_parameters
+from gdeq_ext.relax.polish import PolishOptions, PolishResult, polish
 from gdeq_ext.relax.result import RelaxResult
+from gdeq_ext.relax.validity import Validity, apply_policy
 
 __all__ = ["ImplicitRelax"]
 
@@ -25,8 +28,12 @@ class ImplicitRelax:
 
     Backward solves H u = g per structure (g = dL/dX*, H the Hessian at X*, rigid modes projected out)
     and returns dL/dθ = uᵀ ∂F_θ/∂θ. Memory is O(1) in the relaxation length: only X*, the neighbor list
-    at X* and θ are kept. The gradient is exact at a force-free X*; at fmax > 0 it carries an error of
-    order fmax (so the default fmax is tighter than ASE's 0.05).
+    at X* and θ are kept. The gradient is exact at a force-free X*; at the point where FIRE stops its error is
+    about ||H⁻¹F|| ~ fmax / λ_min(H), which on a soft potential can flip its sign. So before differentiating, the
+    end point is polished by Newton–Krylov steps to an estimated distance from the exact fixed point below
+    ``polish.newton_tol`` (1e-5 Å), and a Lanczos check of the lowest curvature tells minima from saddles
+    (:mod:`gdeq_ext.relax.polish`). Each structure's flags and error estimate are in ``RelaxResult.validity``;
+    ``on_invalid`` decides what an invalid structure does to the gradient (:mod:`gdeq_ext.relax.validity`).
 
     Args:
         potential: any module mapping a Batch to energies (n_systems,) eV.
@@ -44,7 +51,11 @@ class ImplicitRelax:
         force_fn: the force evaluation (see relax/forces.py).
         parameters: tensors θ that get implicit gradients (default: the potential's parameters that
             require grad).
-        warn: warn about unconverged relaxations and linear solves (default True).
+        warn: warn about unconverged relaxations, invalid structures and linear solves (default True).
+        polish: :class:`~gdeq_ext.relax.polish.PolishOptions` (default: Newton polish to 1e-5 Å and a 20-step
+            lowest-curvature check); ``PolishOptions(newton_steps=0, curvature_steps=0)`` turns both off.
+        on_invalid: "raise" | "skip" | "warn" (default "warn"): what a structure that did not converge, is not at an
+            exact fixed point, is a saddle, or whose backward solve failed does to the gradient.
     """
 
     def __init__(
@@ -65,10 +76,17 @@ class ImplicitRelax:
         force_fn: ForceFn | None = None,
         parameters: Sequence[torch.Tensor] | None = None,
         warn: bool = True,
+        polish: PolishOptions | None = None,
+        on_invalid: str = "warn",
     ):
+        check_positive("fmax", fmax, allow_zero=True)  # 0: never stop early
+        check_positive("max_steps", max_steps, allow_zero=True, integer=True)
+        check_positive("skin", skin, allow_zero=True)
         self.potential = potential
         self.fmax = float(fmax)
         self.max_steps = int(max_steps)
+        self.polish = polish or PolishOptions()
+        self.on_invalid = on_invalid
         self.options = ImplicitSolveOptions(
             solver=solver,
             rtol=rtol,
@@ -78,6 +96,7 @@ class ImplicitRelax:
             project_rotations=project_rotations,
             fixed_point_alpha=fixed_point_alpha,
             warn=warn,
+            on_invalid=on_invalid,
         )
         self.fire_parameters = fire or FIREParameters()
         self.skin = float(skin)
@@ -85,8 +104,9 @@ class ImplicitRelax:
         self.parameters = parameters
         self.warn = warn
 
-    def _solve(self, batch: Batch, verlet, step_offset: int = 0) -> FIREResult:
-        return fire(
+    def _solve(self, batch: Batch, verlet, step_offset: int = 0) -> tuple[FIREResult, PolishResult]:
+        """FIRE to fmax, then the Newton polish and curvature check of the converged structures."""
+        solved = fire(
             self.potential,
             batch,
             fmax=self.fmax,
@@ -97,30 +117,58 @@ class ImplicitRelax:
             step_offset=step_offset,
             warn=self.warn,
         )
+        polished = polish(
+            self.potential,
+            batch,
+            solved.positions,
+            solved.converged,
+            options=self.polish,
+            solve=self.options,
+            force_fn=self.force_fn,
+            verlet=verlet,
+            step_offset=solved.steps + step_offset,
+        )
+        return solved, polished
 
-    def _attach(self, batch: Batch, solved: FIREResult, anchor, handoff: float) -> tuple[torch.Tensor, SolveRecord]:
+    def _attach(
+        self, batch: Batch, solved: FIREResult, polished: PolishResult, anchor, handoff: float
+    ) -> tuple[torch.Tensor, SolveRecord, Validity]:
+        validity = Validity(
+            converged=solved.converged,
+            separated=solved.separated,
+            exact=polished.exact,
+            minimum=polished.minimum,
+            fixed_point_error=polished.fixed_point_error,
+            lowest_curvature=polished.lowest_curvature,
+            newton_steps=polished.newton_steps,
+            hvps=polished.hvps,
+            force_evaluations=polished.force_evaluations,
+        )
+        exclude = apply_policy(validity, self.on_invalid, self.warn, type(self).__name__)
         record = SolveRecord()
         context = ImplicitContext(
             potential=self.potential,
             batch=batch,
-            edges=solved.edges,
+            edges=polished.edges,
             force_fn=self.force_fn,
             parameters=trainable_parameters(self.potential, self.parameters),
             options=self.options,
             handoff=handoff,
             record=record,
+            exclude=exclude,
         )
-        return attach_implicit(context, solved.positions, anchor=anchor), record
+        return attach_implicit(context, polished.positions, anchor=anchor), record, validity
 
     def __call__(self, batch: Batch) -> RelaxResult:
-        solved = self._solve(batch, make_verlet(self.potential, self.skin))
-        positions, record = self._attach(batch, solved, None, 0.0)
+        solved, polished = self._solve(batch, make_verlet(self.potential, self.skin))
+        positions, record, validity = self._attach(batch, solved, polished, None, 0.0)
         return RelaxResult(
             positions=positions,
             converged=solved.converged,
-            fmax=solved.fmax,
+            fmax=polished.fmax,
             steps=solved.steps,
-            energy=solved.energy,
+            energy=polished.energy,
             batch=batch.with_positions(positions),
             record=record,
+            validity=validity,
         )

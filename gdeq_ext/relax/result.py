@@ -9,6 +9,7 @@ import torch
 from gdeq_ext.data.batch import Batch
 from gdeq_ext.gradients.implicit_function import SolveRecord
 from gdeq_ext.gradients.krylov import SolveInfo
+from gdeq_ext.relax.validity import Validity
 
 __all__ = ["RelaxResult"]
 
@@ -29,6 +30,8 @@ class RelaxResult:
             the start), for guidance losses; None for the other modes.
         batch: the input batch with ``positions`` replaced by the differentiable final positions.
         record: filled by the backward pass of implicit/hybrid (see ``linear_solve``).
+        validity: implicit/hybrid: the forward pass's per-structure flags (converged, exact fixed point, minimum,
+            the estimated fixed-point error): :class:`~gdeq_ext.relax.validity.Validity`; None for BPTT.
     """
 
     positions: torch.Tensor
@@ -39,6 +42,30 @@ class RelaxResult:
     batch: Batch
     window: tuple[torch.Tensor, ...] | None = None
     record: SolveRecord | None = field(default=None, repr=False)
+    validity: Validity | None = None
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(n_systems,) bool: the structure's gradient is trustworthy. Forward flags (converged, exact, minimum), and
+        after backward also the linear solve (converged on its true residual, no negative curvature, finite).
+        BPTT: whether the forces at X_T are finite (it always is, or the relaxation raised)."""
+        valid = self.validity.valid.clone() if self.validity is not None else torch.ones_like(self.converged)
+        info = self.linear_solve
+        if info is not None:
+            posed = info.rhs_norm > 0
+            valid &= ~posed | (info.converged & ~info.indefinite)
+        return valid
+
+    @property
+    def skipped(self) -> torch.Tensor | None:
+        """(n_systems,) bool after backward: structures whose gradient contribution was zeroed (policy "skip", or
+        a non-finite/diverged solve under any policy); None before backward and for BPTT."""
+        return None if self.record is None else self.record.dropped
+
+    @property
+    def fixed_point_error(self) -> torch.Tensor | None:
+        """(n_systems,) Å, estimated distance of X* from the exact fixed point (implicit/hybrid)."""
+        return None if self.validity is None else self.validity.fixed_point_error
 
     @property
     def linear_solve(self) -> SolveInfo | None:

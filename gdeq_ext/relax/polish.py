@@ -1,0 +1,259 @@
+"""Exact fixed points before the implicit backward: Newton–Krylov polish and the lowest-curvature check.
+
+The implicit gradient is taken at the structure where the forward solver stopped. Its error is not "of order fmax":
+the distance from that point to the exact fixed point is about ||H⁻¹F||, i.e. up to fmax / λ_min(H), so on a soft
+potential (small λ_min) FIRE's default fmax = 0.01 eV/Å can leave X tenths of an Å from X* and give an implicit
+gradient of the wrong sign. The polish removes the dependence on the user's fmax: from FIRE's end point it takes
+Newton steps on F(X) = 0,
+
+    H(X_k) δ_k = F(X_k)   (the same batched CG/MINRES as the backward, rigid modes projected),   X_{k+1} = X_k + δ_k,
+
+per structure, until the Newton step itself is short: ||δ_k|| <= ``newton_tol`` (Å). ||δ_k|| = ||H⁻¹F(X_k)|| is the
+a-posteriori estimate of the distance from X_k to the exact fixed point, and is reported per structure
+(``fixed_point_error``) for the structure that is returned. Newton converges quadratically near a non-degenerate
+stationary point, so from FIRE's end point one or two steps usually suffice. Safeguards: a step is scaled so no atom
+moves more than ``newton_maxstep`` (ASE's maxstep, 0.2 Å), and it is kept only if it lowers both ||F|| and fmax
+(otherwise it is halved, up to four times); a structure that cannot reach the tolerance keeps its best point and is
+flagged not ``exact``. The Newton solves use CG only: a structure where CG meets negative curvature is not near a
+minimum (H⁻¹F would point uphill, towards a saddle), so it is not moved and is flagged (``minimum`` False).
+
+Newton converges to any stationary point, a saddle included: whether the point is a minimum is decided separately,
+by a short Lanczos run on H at the returned point (:func:`gdeq_ext.gradients.extreme_curvatures`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gdeq_ext.data.batch import Batch
+from gdeq_ext.gradients.batched import per_atom, structure_norm
+from gdeq_ext.gradients.hessian import HessianOperator
+from gdeq_ext.gradients.implicit_function import ImplicitSolveOptions, check_positive, solve_hessian
+from gdeq_ext.gradients.lanczos import extreme_curvatures
+from gdeq_ext.neighbors.verlet import VerletList
+from gdeq_ext.potentials.base import Edges
+from gdeq_ext.relax.checks import check_finite, structure_fmax
+from gdeq_ext.relax.forces import ForceFn, edges_for
+
+__all__ = ["PolishOptions", "PolishResult", "polish"]
+
+_MAX_HALVINGS = 4
+
+
+@dataclass(frozen=True)
+class PolishOptions:
+    """How the relaxed structure is made exact and checked before it is differentiated implicitly.
+
+    Attributes:
+        newton_steps: force evaluations of the Newton polish per relaxation at most (default 4; 0 turns it off).
+        newton_tol: Å, target of the estimated distance to the exact fixed point, ||H⁻¹F|| per structure
+            (default 1e-5 Å). The implicit gradient's relative error is about this distance over the length on which
+            the Hessian changes (tenths of an Å for bonds), so 1e-5 Å keeps it near 1e-4.
+        newton_rtol: relative tolerance of each Newton solve (default 1e-3: an inexact Newton step still converges
+            fast, and the distance estimate is good to 0.1 %).
+        newton_maxstep: Å, largest per-atom displacement of one Newton step (default 0.2, ASE's maxstep).
+        curvature_steps: Lanczos iterations (batched H·v products) of the lowest-curvature check (default 20;
+            0 turns it off).
+        negative_curvature: eV/Å², a lowest curvature below ``-negative_curvature`` marks a saddle (default 1e-3).
+    """
+
+    newton_steps: int = 4
+    newton_tol: float = 1e-5
+    newton_rtol: float = 1e-3
+    newton_maxstep: float = 0.2
+    curvature_steps: int = 20
+    negative_curvature: float = 1e-3
+
+    def __post_init__(self):
+        check_positive("newton_steps", self.newton_steps, allow_zero=True, integer=True)
+        check_positive("curvature_steps", self.curvature_steps, allow_zero=True, integer=True)
+        for name in ("newton_tol", "newton_rtol", "newton_maxstep", "negative_curvature"):
+            check_positive(name, getattr(self, name))
+
+
+@dataclass
+class PolishResult:
+    """The polished structures. All per-structure tensors are (n_systems,).
+
+    Attributes:
+        positions: (n_atoms, 3) Å, detached; energy: eV; forces: (n_atoms, 3) eV/Å; fmax: eV/Å at ``positions``.
+        edges: neighbor list valid at ``positions`` (None for potentials that build their own).
+        fixed_point_error: Å, estimated distance to the exact fixed point, ||H⁻¹F|| from a solve at ``positions``
+            (with the polish off: ||F|| / λ_min from the curvature check; NaN when neither ran or λ_min <= 0).
+        exact: bool, ``fixed_point_error <= newton_tol`` (with the polish off and no estimate: True, not checked).
+        newton_steps: int64, Newton steps accepted per structure.
+        lowest_curvature, highest_curvature: eV/Å², extreme Ritz values of the projected Hessian (NaN: not checked).
+        minimum: bool, no curvature below ``-negative_curvature`` (or sqrt(eps) of the largest curvature) was found,
+            by the Lanczos check or by a Newton solve's CG.
+        hvps: batched Hessian-vector products used (Newton solves and the curvature check).
+        force_evaluations: batched force evaluations (each with a graph for the products).
+    """
+
+    positions: torch.Tensor
+    energy: torch.Tensor
+    forces: torch.Tensor
+    fmax: torch.Tensor
+    edges: Edges | None
+    fixed_point_error: torch.Tensor
+    exact: torch.Tensor
+    newton_steps: torch.Tensor
+    lowest_curvature: torch.Tensor
+    highest_curvature: torch.Tensor
+    minimum: torch.Tensor
+    hvps: int
+    force_evaluations: int
+
+
+def polish(
+    potential,
+    batch: Batch,
+    positions: torch.Tensor,
+    eligible: torch.Tensor,
+    *,
+    options: PolishOptions,
+    solve: ImplicitSolveOptions,
+    force_fn: ForceFn,
+    verlet: VerletList | None = None,
+    step_offset: torch.Tensor | int = 0,
+) -> PolishResult:
+    """Newton-polish the ``eligible`` structures of ``batch`` at ``positions`` and check their curvature.
+
+    Args:
+        potential: the potential; batch: the structures; positions: (n_atoms, 3) Å, the forward solver's end points.
+        eligible: (n_systems,) bool, structures to polish (the converged ones); the others are only measured.
+        options: :class:`PolishOptions`.
+        solve: the backward's :class:`ImplicitSolveOptions` (its rigid-mode projection); each Newton solve is CG
+            with ``options.newton_rtol``, the default iteration cap and no damping.
+        force_fn: the force evaluation; verlet: the relaxation's neighbor list (or None).
+        step_offset: relaxation steps taken before (for error messages).
+
+    Raises:
+        NonFiniteError: forces became non-finite at a polished point (names the structure).
+    """
+    system, n_systems = batch.system, batch.n_systems
+    # CG only: Newton is a polish for minima. Where CG meets negative curvature the structure is not near a minimum
+    # (H⁻¹F would then point uphill, towards a saddle): it is flagged and left where the forward solver stopped.
+    newton = ImplicitSolveOptions(
+        solver="cg",
+        rtol=options.newton_rtol,
+        # The default per-structure cap, not the backward's max_iter: a cap meant for the backward solve must not
+        # stop the polish.
+        project_rotations=solve.project_rotations,
+        warn=False,
+    )
+    hvps = 0
+    evaluations = 0
+    indefinite = torch.zeros(n_systems, dtype=torch.bool, device=positions.device)
+
+    def operator_at(x: torch.Tensor) -> tuple[HessianOperator, Edges | None]:
+        nonlocal evaluations
+        evaluations += 1
+        edges = edges_for(verlet, batch.with_positions(x))
+        return HessianOperator(
+            potential, batch, x, edges, force_fn, project_rotations=solve.project_rotations
+        ), edges
+
+    def newton_step(op: HessianOperator, forces: torch.Tensor, which: torch.Tensor):
+        nonlocal hvps, indefinite
+        rhs = torch.where(per_atom(which, system), forces, 0.0)
+        delta, info = solve_hessian(op, rhs, batch, op.projector, newton)
+        hvps += info.matvecs
+        indefinite = indefinite | (which & info.indefinite)
+        length = structure_norm(delta, system, n_systems)
+        # A solve that did not even halve the residual (singular H, non-finite) or met negative curvature gives no
+        # usable step or distance estimate.
+        trusted = torch.isfinite(length) & (info.residual <= 0.5 * info.rhs_norm) & ~info.indefinite
+        return torch.where(per_atom(which, system), delta, 0.0), torch.where(trusted, length, torch.inf)
+
+    x = positions.detach()
+    op, edges = operator_at(x)
+    forces = op.forces.detach()
+    energy = op.energy
+    check_finite(forces, batch, step_offset, where="Newton polish")
+    force_norm = structure_norm(forces, system, n_systems)
+    force_max = structure_fmax(forces, batch)
+    error = torch.full((n_systems,), float("nan"), dtype=x.dtype, device=x.device)
+    accepted = torch.zeros(n_systems, dtype=torch.int64, device=x.device)
+    eligible = eligible & (force_norm > 0)  # F = 0 exactly: already the fixed point
+    error = torch.where(force_norm == 0, 0.0, error)
+    op_matches_x = True
+
+    if options.newton_steps > 0 and bool(eligible.any()):
+        delta, length = newton_step(op, forces, eligible)
+        error = torch.where(eligible, length, error)
+        scale = torch.ones_like(error)
+        active = eligible & ~(error <= options.newton_tol) & torch.isfinite(error)
+        for _ in range(options.newton_steps):
+            if not bool(active.any()):
+                break
+            # Scale the whole step (keeping its direction) so that no atom moves more than newton_maxstep.
+            largest = torch.zeros_like(error).scatter_reduce_(
+                0, system, torch.linalg.vector_norm(delta, dim=1), "amax", include_self=True
+            )
+            cap = torch.clamp(options.newton_maxstep / largest.clamp_min(1e-300), max=1.0)
+            candidate = torch.where(per_atom(active, system), x + per_atom(scale * cap, system) * delta, x)
+            op, edges = operator_at(candidate)
+            new_forces = op.forces.detach()
+            new_norm = structure_norm(new_forces, system, n_systems)
+            new_fmax = structure_fmax(new_forces, batch)
+            # Keep a step only if it lowers both ||F|| and fmax: near a minimum a Newton step does (quadratically);
+            # otherwise halve it.
+            better = active & torch.isfinite(new_norm) & (new_norm < force_norm) & (new_fmax < force_max)
+            worse = active & ~better
+            x = torch.where(per_atom(better, system), candidate, x)
+            forces = torch.where(per_atom(better, system), new_forces, forces)
+            energy = torch.where(better, op.energy, energy)
+            force_norm = torch.where(better, new_norm, force_norm)
+            force_max = torch.where(better, new_fmax, force_max)
+            accepted += better
+            op_matches_x = not bool(worse.any())
+            scale = torch.where(worse, 0.5 * scale, 1.0)
+            if bool(better.any()):
+                step, length = newton_step(op, new_forces, better)
+                delta = torch.where(per_atom(better, system), step, delta)
+                error = torch.where(better, length, error)
+            active = (
+                eligible & ~(error <= options.newton_tol) & torch.isfinite(error) & (scale >= 0.5**_MAX_HALVINGS)
+            )
+
+    lowest = torch.full((n_systems,), float("nan"), dtype=x.dtype, device=x.device)
+    highest = lowest.clone()
+    if options.curvature_steps > 0 or not op_matches_x:
+        if not op_matches_x:  # the last operator was built at a rejected candidate of some structure
+            op, edges = operator_at(x)
+            forces, energy = op.forces.detach(), op.energy
+        if options.curvature_steps > 0:
+            lowest, highest, products = extreme_curvatures(
+                op, system, n_systems, x.dtype, project=op.projector, steps=options.curvature_steps
+            )
+            hvps += products
+    if options.newton_steps == 0:
+        # No solve ran: estimate the distance from the force and the lowest curvature instead.
+        estimate = torch.where(lowest > 0, force_norm / lowest.clamp_min(1e-300), torch.nan)
+        error = torch.where(force_norm == 0, 0.0, estimate)
+        exact = ~(error > options.newton_tol)  # NaN (not estimated) counts as not checked
+    else:
+        exact = error <= options.newton_tol
+    # Negative curvature beyond round-off: the threshold also scales with the largest curvature, because the
+    # products themselves carry a relative error of about sqrt(eps) (float32: 3e-4) of it.
+    noise = torch.finfo(x.dtype).eps ** 0.5 * highest.abs()
+    threshold = torch.maximum(torch.full_like(lowest, options.negative_curvature), torch.nan_to_num(noise))
+    minimum = ~(lowest < -threshold) & ~indefinite
+    check_finite(forces, batch, step_offset, where="Newton polish")
+    return PolishResult(
+        positions=x,
+        energy=energy,
+        forces=forces,
+        fmax=structure_fmax(forces, batch),
+        edges=edges,
+        fixed_point_error=error,
+        exact=exact,
+        newton_steps=accepted,
+        lowest_curvature=lowest,
+        highest_curvature=highest,
+        minimum=minimum,
+        hvps=hvps,
+        force_evaluations=evaluations,
+    )
