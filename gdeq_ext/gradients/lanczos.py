@@ -29,9 +29,7 @@ def start_vector(system: torch.Tensor, n_systems: int, dtype: torch.dtype) -> to
     local = torch.arange(system.numel(), device=system.device) - first[system]
     index = (3 * local.unsqueeze(1) + torch.arange(3, device=system.device)).to(torch.float64)
     # A low-discrepancy sequence mapped to [-1, 1): no structure with symmetry to make it vanish in exact arithmetic.
-    return (2.0 * torch.frac(index * 0.6180339887498949 + 0.5 * torch.frac(index * 0.7548776662466927)) - 1.0).to(
-        dtype
-    )
+    return (2.0 * torch.frac(index * 0.6180339887498949 + 0.5 * torch.frac(index * 0.7548776662466927)) - 1.0).to(dtype)
 
 
 def extreme_curvatures(

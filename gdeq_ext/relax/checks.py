@@ -85,7 +85,8 @@ def isolated_atoms(batch: Batch, edges, cutoff: float) -> torch.Tensor:
     close = torch.linalg.vector_norm(vectors, dim=1) < cutoff
     close = close.to(torch.int64)
     # Count both ends, so half lists (each pair once) are judged like full ones.
-    counts = torch.zeros(batch.n_atoms, dtype=torch.int64, device=x.device).index_add_(0, i, close).index_add_(0, j, close)
+    counts = torch.zeros(batch.n_atoms, dtype=torch.int64, device=x.device)
+    counts.index_add_(0, i, close).index_add_(0, j, close)
     return counts == 0
 
 

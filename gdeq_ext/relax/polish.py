@@ -151,9 +151,7 @@ def polish(
         nonlocal evaluations
         evaluations += 1
         edges = edges_for(verlet, batch.with_positions(x))
-        return HessianOperator(
-            potential, batch, x, edges, force_fn, project_rotations=solve.project_rotations
-        ), edges
+        return HessianOperator(potential, batch, x, edges, force_fn, project_rotations=solve.project_rotations), edges
 
     def newton_step(op: HessianOperator, forces: torch.Tensor, which: torch.Tensor):
         nonlocal hvps, indefinite
@@ -214,9 +212,7 @@ def polish(
                 step, length = newton_step(op, new_forces, better)
                 delta = torch.where(per_atom(better, system), step, delta)
                 error = torch.where(better, length, error)
-            active = (
-                eligible & ~(error <= options.newton_tol) & torch.isfinite(error) & (scale >= 0.5**_MAX_HALVINGS)
-            )
+            active = eligible & ~(error <= options.newton_tol) & torch.isfinite(error) & (scale >= 0.5**_MAX_HALVINGS)
 
     lowest = torch.full((n_systems,), float("nan"), dtype=x.dtype, device=x.device)
     highest = lowest.clone()
