@@ -14,8 +14,11 @@ a-posteriori estimate of the distance from X_k to the exact fixed point, and is 
 stationary point, so from FIRE's end point one or two steps usually suffice. Safeguards: a step is scaled so no atom
 moves more than ``newton_maxstep`` (ASE's maxstep, 0.2 Å), and it is kept only if it lowers both ||F|| and fmax
 (otherwise it is halved, up to four times); a structure that cannot reach the tolerance keeps its best point and is
-flagged not ``exact``. The Newton solves use CG only: a structure where CG meets negative curvature is not near a
-minimum (H⁻¹F would point uphill, towards a saddle), so it is not moved and is flagged (``minimum`` False).
+flagged not ``exact``. The Newton solves use CG. Where CG meets negative curvature (FIRE on a soft potential can stop
+outside the convex region around the minimum) H⁻¹F could point uphill, towards a saddle; there the step is damped,
+δ = (H + μI)⁻¹F with μ above -λ_min from a Lanczos estimate (Levenberg–Marquardt), and is kept only if it lowers
+the energy, until the structure reaches the convex region and plain Newton takes over. At a true saddle F is tiny,
+so the damped steps barely move it, and the curvature check flags it.
 
 Newton converges to any stationary point, a saddle included: whether the point is a minimum is decided separately,
 by a short Lanczos run on H at the returned point (:func:`gdeq_ext.gradients.extreme_curvatures`).
@@ -47,7 +50,7 @@ class PolishOptions:
     """How the relaxed structure is made exact and checked before it is differentiated implicitly.
 
     Attributes:
-        newton_steps: force evaluations of the Newton polish per relaxation at most (default 4; 0 turns it off).
+        newton_steps: force evaluations of the Newton polish per relaxation at most (default 12; 0 turns it off).
         newton_tol: Å, target of the estimated distance to the exact fixed point, ||H⁻¹F|| per structure
             (default 1e-5 Å). The implicit gradient's relative error is about this distance over the length on which
             the Hessian changes (tenths of an Å for bonds), so 1e-5 Å keeps it near 1e-4.
@@ -59,7 +62,7 @@ class PolishOptions:
         negative_curvature: eV/Å², a lowest curvature below ``-negative_curvature`` marks a saddle (default 1e-3).
     """
 
-    newton_steps: int = 4
+    newton_steps: int = 12
     newton_tol: float = 1e-5
     newton_rtol: float = 1e-3
     newton_maxstep: float = 0.2
@@ -133,8 +136,6 @@ def polish(
         NonFiniteError: forces became non-finite at a polished point (names the structure).
     """
     system, n_systems = batch.system, batch.n_systems
-    # CG only: Newton is a polish for minima. Where CG meets negative curvature the structure is not near a minimum
-    # (H⁻¹F would then point uphill, towards a saddle): it is flagged and left where the forward solver stopped.
     newton = ImplicitSolveOptions(
         solver="cg",
         rtol=options.newton_rtol,
@@ -145,7 +146,6 @@ def polish(
     )
     hvps = 0
     evaluations = 0
-    indefinite = torch.zeros(n_systems, dtype=torch.bool, device=positions.device)
 
     def operator_at(x: torch.Tensor) -> tuple[HessianOperator, Edges | None]:
         nonlocal evaluations
@@ -154,16 +154,35 @@ def polish(
         return HessianOperator(potential, batch, x, edges, force_fn, project_rotations=solve.project_rotations), edges
 
     def newton_step(op: HessianOperator, forces: torch.Tensor, which: torch.Tensor):
-        nonlocal hvps, indefinite
+        """δ = H⁻¹F, or (H + μI)⁻¹F with μ > -λ_min where CG meets negative curvature (Levenberg–Marquardt: a
+        descent step towards the minimum, not the saddle). Returns δ, the distance estimate (inf when damped or
+        the solve failed) and which structures were damped."""
+        nonlocal hvps
         rhs = torch.where(per_atom(which, system), forces, 0.0)
         delta, info = solve_hessian(op, rhs, batch, op.projector, newton)
         hvps += info.matvecs
-        indefinite = indefinite | (which & info.indefinite)
+        stalled = ~(info.residual <= 0.5 * info.rhs_norm)
+        damped = which & (info.indefinite | stalled)
+        if bool(damped.any()):
+            lowest, highest, products = extreme_curvatures(
+                op, system, n_systems, x.dtype, project=op.projector, steps=max(options.curvature_steps, 20)
+            )
+            hvps += products
+            shift = 2.0 * torch.nan_to_num(-lowest).clamp_min(0.0) + 1e-3 * torch.nan_to_num(highest).abs()
+            mu = torch.where(damped, shift + options.negative_curvature, 0.0)
+
+            def damped_product(v, mu=mu):
+                return op(v) + per_atom(mu, system) * v
+
+            rhs_damped = torch.where(per_atom(damped, system), forces, 0.0)
+            step, info_damped = solve_hessian(damped_product, rhs_damped, batch, op.projector, newton)
+            hvps += info_damped.matvecs
+            usable = damped & ~info_damped.indefinite & torch.isfinite(info_damped.residual)
+            delta = torch.where(per_atom(damped, system), torch.where(per_atom(usable, system), step, 0.0), delta)
         length = structure_norm(delta, system, n_systems)
-        # A solve that did not even halve the residual (singular H, non-finite) or met negative curvature gives no
-        # usable step or distance estimate.
-        trusted = torch.isfinite(length) & (info.residual <= 0.5 * info.rhs_norm) & ~info.indefinite
-        return torch.where(per_atom(which, system), delta, 0.0), torch.where(trusted, length, torch.inf)
+        trusted = torch.isfinite(length) & ~stalled & ~info.indefinite
+        delta = torch.where(per_atom(which & torch.isfinite(length), system), delta, 0.0)
+        return delta, torch.where(trusted, length, torch.inf), damped
 
     x = positions.detach()
     op, edges = operator_at(x)
@@ -179,10 +198,10 @@ def polish(
     op_matches_x = True
 
     if options.newton_steps > 0 and bool(eligible.any()):
-        delta, length = newton_step(op, forces, eligible)
+        delta, length, damped = newton_step(op, forces, eligible)
         error = torch.where(eligible, length, error)
         scale = torch.ones_like(error)
-        active = eligible & ~(error <= options.newton_tol) & torch.isfinite(error)
+        active = eligible & ~(error <= options.newton_tol)
         for _ in range(options.newton_steps):
             if not bool(active.any()):
                 break
@@ -196,9 +215,12 @@ def polish(
             new_forces = op.forces.detach()
             new_norm = structure_norm(new_forces, system, n_systems)
             new_fmax = structure_fmax(new_forces, batch)
-            # Keep a step only if it lowers both ||F|| and fmax: near a minimum a Newton step does (quadratically);
+            # Keep a Newton step only if it lowers both ||F|| and fmax (near a minimum it does, quadratically), a
+            # damped step only if it lowers the energy (it heads downhill, where the force may first grow);
             # otherwise halve it.
-            better = active & torch.isfinite(new_norm) & (new_norm < force_norm) & (new_fmax < force_max)
+            lowers_force = (new_norm < force_norm) & (new_fmax < force_max)
+            lowers_energy = op.energy < energy
+            better = active & torch.isfinite(new_norm) & torch.where(damped, lowers_energy, lowers_force)
             worse = active & ~better
             x = torch.where(per_atom(better, system), candidate, x)
             forces = torch.where(per_atom(better, system), new_forces, forces)
@@ -209,10 +231,11 @@ def polish(
             op_matches_x = not bool(worse.any())
             scale = torch.where(worse, 0.5 * scale, 1.0)
             if bool(better.any()):
-                step, length = newton_step(op, new_forces, better)
+                step, length, damped_now = newton_step(op, new_forces, better)
                 delta = torch.where(per_atom(better, system), step, delta)
                 error = torch.where(better, length, error)
-            active = eligible & ~(error <= options.newton_tol) & torch.isfinite(error) & (scale >= 0.5**_MAX_HALVINGS)
+                damped = torch.where(better, damped_now, damped)
+            active = eligible & ~(error <= options.newton_tol) & (scale >= 0.5**_MAX_HALVINGS)
 
     lowest = torch.full((n_systems,), float("nan"), dtype=x.dtype, device=x.device)
     highest = lowest.clone()
@@ -236,7 +259,7 @@ def polish(
     # products themselves carry a relative error of about sqrt(eps) (float32: 3e-4) of it.
     noise = torch.finfo(x.dtype).eps ** 0.5 * highest.abs()
     threshold = torch.maximum(torch.full_like(lowest, options.negative_curvature), torch.nan_to_num(noise))
-    minimum = ~(lowest < -threshold) & ~indefinite
+    minimum = ~(lowest < -threshold)
     check_finite(forces, batch, step_offset, where="Newton polish")
     return PolishResult(
         positions=x,
