@@ -27,7 +27,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _flat(grads, parameters):
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, parameters)])
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, parameters, strict=True)]
+    )
 
 
 def _loss(result, reference, batch):
