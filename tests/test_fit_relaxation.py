@@ -115,6 +115,12 @@ def test_config_files_and_unknown_keys(tmp_path):
     toml.write_text("[optim]\nlr = -1.0\n")
     with pytest.raises(ConfigError, match=r"optim.lr = -1.0 must be > 0"):
         load_config(toml)
+    toml.write_text("[relax]\nfmax = nan\n")  # NaN <= 0 is False: a "value <= 0" check let it through
+    with pytest.raises(ConfigError, match=r"relax.fmax = nan must be > 0"):
+        load_config(toml)
+    toml.write_text('[relax]\non_invalid = "ignore"\n')
+    with pytest.raises(ConfigError, match=r"relax.on_invalid = 'ignore' is not one of \['raise', 'skip', 'warn'\]"):
+        load_config(toml)
     toml.write_text("[optim\nlr = 1\n")
     with pytest.raises(ConfigError, match=r"not valid TOML"):
         load_config(toml)
@@ -311,3 +317,27 @@ def test_example_config_runs_one_short_step(tmp_path, capsys):
     argv = [str(example), "--output-dir", str(tmp_path / "out"), "--no-progress"]
     assert main(argv + [item for setting in settings for item in ("--set", setting)]) == 0
     assert "| val | after | " in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- trust
+def test_untrustworthy_structures_are_skipped_and_counted(pairs, base_path, tmp_path):
+    """Relaxations cut off after 2 FIRE steps cannot converge: under the default on_invalid = "skip" every structure's
+    gradient is zeroed and counted, so the parameters do not move, and metrics.csv says why."""
+    model = MLIP.load(base_path)
+    before = parameters(model)
+    settings = dict(SETTINGS, mode="implicit", fmax=1e-9, max_relax_steps=2, steps=2, eval_every=0, eval_train=False)
+    fit_relaxation(model, pairs, output_dir=tmp_path / "run", **settings)
+    rows = read_rows(tmp_path / "run" / "metrics.csv")[1:]
+    assert [int(r["skipped"]) for r in rows] == [3, 2]  # every structure of each batch (5 pairs: batches of 3, 2)
+    assert all(r["nonfinite_gradient"] == "0" and float(r["train_converged"]) == 0.0 for r in rows)
+    for key, value in parameters(model).items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_trust_columns_are_zero_on_converged_relaxations(pairs, base_path, tmp_path):
+    model = MLIP.load(base_path)
+    fit_relaxation(model, pairs, output_dir=tmp_path / "run", **dict(SETTINGS, steps=2, eval_every=0))
+    rows = read_rows(tmp_path / "run" / "metrics.csv")[1:]
+    for row in rows:
+        assert int(row["skipped"]) + int(row["solve_failed"]) + int(row["nonfinite_gradient"]) == 0, row
+        assert 0.0 <= float(row["fixed_point_error"]) <= 1e-5

@@ -39,6 +39,7 @@ MODES = ("bptt", "implicit", "hybrid")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine", "step", "exponential")
 SOLVERS = ("cg", "minres", "fixed_point")
+ON_INVALID = ("raise", "skip", "warn")
 DTYPES = ("float32", "float64")
 RESUME = ("auto", "always", "never")
 
@@ -124,6 +125,10 @@ class RelaxConfig:
         solver: Hessian solve, "cg" (default), "minres" or "fixed_point"; rtol: its relative tolerance
             (default 1e-6); max_iter: Hessian-vector products per structure at most (default 30 n_atoms + 10);
             damping: eV/Å² (default 0).
+        on_invalid: what a structure without a trustworthy implicit gradient (unconverged relaxation, inexact fixed
+            point, saddle, failed backward solve) does: "skip" (default: its gradient contribution is zeroed and
+            counted in metrics.csv), "raise" or "warn" (``gdeq_ext.relax.validity``).
+        newton_steps: Newton polish steps of the relaxed structure before the implicit backward (default 12; 0 off).
     """
 
     mode: str = "hybrid"
@@ -139,6 +144,8 @@ class RelaxConfig:
     rtol: float = 1e-6
     max_iter: int | None = None
     damping: float = 0.0
+    on_invalid: str = "skip"
+    newton_steps: int = 12
 
 
 @dataclass
@@ -208,6 +215,7 @@ class TrainConfig:
 _CHOICES = {
     ("relax", "mode"): MODES,
     ("relax", "solver"): SOLVERS,
+    ("relax", "on_invalid"): ON_INVALID,
     ("optim", "optimizer"): OPTIMIZERS,
     ("optim", "schedule"): SCHEDULES,
     ("model", "dtype"): DTYPES,
@@ -228,6 +236,7 @@ _POSITIVE = {
     ("model", "cutoff"),
 }
 _NON_NEGATIVE = {
+    ("relax", "newton_steps"),
     ("relax", "window"),
     ("relax", "bptt_steps"),
     ("relax", "damping"),
@@ -296,8 +305,11 @@ class Config:
                 raise ConfigError(f"{where}{section}.{key} = {value!r} is not one of {list(choices)}")
         for (section, key), strict in [(k, True) for k in _POSITIVE] + [(k, False) for k in _NON_NEGATIVE]:
             value = getattr(getattr(self, section), key)
-            if value is not None and (value <= 0 if strict else value < 0):
-                raise ConfigError(f"{where}{section}.{key} = {value!r} must be {'> 0' if strict else '>= 0'}")
+            # "not value > 0": NaN fails too (NaN <= 0 is False, so a "value <= 0" check would let it through).
+            if value is not None and (not (value > 0 if strict else value >= 0) or value == float("inf")):
+                raise ConfigError(
+                    f"{where}{section}.{key} = {value!r} must be {'> 0' if strict else '>= 0'} (and finite)"
+                )
         if self.relax.mode == "bptt" and self.relax.bptt_steps == 0:
             raise ConfigError(f"{where}relax.bptt_steps = 0 gives BPTT nothing to differentiate")
         if self.optim.min_lr > self.optim.lr:

@@ -13,6 +13,12 @@ Metrics per step (``metrics.csv``, ``learning_curves.png``):
   minimum-image displacements after pairing atoms (permutation-invariant) and removing the net translation;
 * fmax (eV/Å) and the converged share at the end of each relaxation, relaxation steps per structure;
 * solver iterations: Hessian-vector products per structure of the implicit backward (implicit and hybrid);
+* trust (implicit and hybrid; ``gdeq_ext.relax.validity``): ``skipped`` structures whose gradient contribution was
+  zeroed (``relax.on_invalid = "skip"``, the default, or a non-finite/diverged solve), of which ``saddles`` (negative
+  curvature at X*), ``inexact`` (the Newton polish missed its tolerance) and ``solve_failed`` (the backward solve
+  missed its tolerance); ``fixed_point_error``, the largest estimated distance of a relaxed structure from its exact
+  fixed point (Å); ``nonfinite_gradient`` is 1 when the summed gradient was not finite and the optimizer step was
+  skipped (it never reaches the optimizer);
 * peak memory of the step (MiB): ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the process's peak
   resident memory during the step (VmHWM, reset before it: Python, torch and the data included);
 * validation metrics every ``eval_every`` steps, from a fixed protocol for every mode: FIRE (ASE's
@@ -49,7 +55,7 @@ from gdeq_ext.data.batch import Batch
 from gdeq_ext.data.relaxation_pairs import RelaxationPairs, read_relaxation_pairs
 from gdeq_ext.hardware import describe
 from gdeq_ext.loss import delta_q
-from gdeq_ext.relax import BPTTRelax, HybridRelax, ImplicitRelax, fire
+from gdeq_ext.relax import BPTTRelax, HybridRelax, ImplicitRelax, PolishOptions, fire
 from gdeq_ext.relax.checks import NonFiniteError
 from gdeq_ext.train.config import Config, ConfigError, OptimConfig, RelaxConfig
 from gdeq_ext.train.data import seed_for
@@ -92,6 +98,12 @@ COLUMNS = (
     "train_converged",
     "relax_steps",
     "solver_iterations",
+    "skipped",
+    "saddles",
+    "inexact",
+    "solve_failed",
+    "fixed_point_error",
+    "nonfinite_gradient",
     "grad_norm",
     "peak_memory_mib",
     "step_time_s",
@@ -156,6 +168,8 @@ def make_relaxation(model, relax: RelaxConfig, warn: bool = False):
         max_iter=relax.max_iter,
         damping=relax.damping,
         warn=warn,
+        on_invalid=relax.on_invalid,
+        polish=PolishOptions(newton_steps=relax.newton_steps),
     )
     if relax.mode == "implicit":
         return ImplicitRelax(model, **common)
@@ -784,7 +798,9 @@ def fit_relaxation(
             local = shard(global_indices, context.rank, context.world_size)
             optimizer.zero_grad(set_to_none=True)
             memory.reset()
-            sums = torch.zeros(7, dtype=torch.float64)  # n, ΔQ, basin, fmax, converged, steps, iterations
+            # n, ΔQ, basin, fmax, converged, steps, iterations, skipped, saddles, inexact, solve_failed
+            sums = torch.zeros(11, dtype=torch.float64)
+            fixed_point_error = -1.0  # "none": a NaN would not survive the all-reduce max
             if local:
                 batch, reference = train.batch(local, dtype=dtype, device=device)
                 try:
@@ -798,6 +814,9 @@ def fit_relaxation(
                 # gradient is the one of the mean over the global batch (distributed.py).
                 (dq.sum() / len(global_indices)).backward()
                 iterations = result.iterations
+                trust = _trust_counts(result)
+                if result.fixed_point_error is not None:
+                    fixed_point_error = float(torch.nan_to_num(result.fixed_point_error, nan=0.0).max())
                 sums += torch.stack(
                     [
                         torch.tensor(float(len(local)), dtype=torch.float64),
@@ -807,18 +826,25 @@ def fit_relaxation(
                         result.converged.double().sum().cpu(),
                         result.steps.double().sum().cpu(),
                         iterations.double().sum().cpu() if iterations is not None else torch.tensor(math.nan),
+                        *trust,
                     ]
                 )
             all_reduce_gradients(params, context)
             grad_norm = _gradient_norm(params)
-            if optim_config.grad_clip is not None:
+            # Identical on every rank (the gradients were summed), so every rank skips or steps alike.
+            nonfinite = not math.isfinite(grad_norm)
+            if nonfinite:
+                for p in params:
+                    p.grad = None
+            elif optim_config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, optim_config.grad_clip)
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            if not nonfinite:
+                optimizer.step()
             scheduler.step()
             step += 1
             elapsed = time.perf_counter() - started
-            peaks = torch.tensor([memory.read_mib(), float(stop.requested)], dtype=torch.float64)
+            peaks = torch.tensor([memory.read_mib(), float(stop.requested), fixed_point_error], dtype=torch.float64)
             sums = all_reduce_sum(sums, context)
             peaks = all_reduce_max(peaks, context)
             train_time += elapsed
@@ -834,6 +860,12 @@ def fit_relaxation(
                 train_converged=_mean(float(sums[4]), n),
                 relax_steps=_mean(float(sums[5]), n),
                 solver_iterations=None if math.isnan(float(sums[6])) else _mean(float(sums[6]), n),
+                skipped=int(sums[7]),
+                saddles=int(sums[8]),
+                inexact=int(sums[9]),
+                solve_failed=int(sums[10]),
+                fixed_point_error=None if float(peaks[2]) < 0 else float(peaks[2]),
+                nonfinite_gradient=int(nonfinite),
                 grad_norm=grad_norm,
                 peak_memory_mib=float(peaks[0]),
                 step_time_s=elapsed,
@@ -852,6 +884,8 @@ def fit_relaxation(
             if due or bool(peaks[1]):
                 last_checkpoint = save_checkpoint(step, order.state(), _rng_state()) or last_checkpoint
             postfix = {"ΔQ": f"{row['loss']:.3f}", "basin": f"{row['train_basin_rate']:.2f}"}
+            if row["skipped"] or nonfinite:
+                postfix["skipped"] = row["skipped"] + (len(global_indices) if nonfinite else 0)
             if row.get("val_delta_q") is not None:
                 postfix["val ΔQ"] = f"{row['val_delta_q']:.3f}"
             bar.set_postfix(postfix)
@@ -908,6 +942,23 @@ def _row(step: int, epoch: int, lr, validation: dict | None, **values) -> dict:
             val_relax_steps=validation["relax_steps"],
         )
     return row
+
+
+def _trust_counts(result) -> list[torch.Tensor]:
+    """[skipped, saddles, inexact, solve_failed] of one relaxation after backward (float64 scalars, CPU)."""
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    validity, info = result.validity, result.linear_solve
+    if validity is None:
+        return [zero] * 4
+    skipped = result.skipped if result.skipped is not None else ~validity.valid
+    failed = (info.rhs_norm > 0) & ~info.converged if info is not None else torch.zeros_like(validity.valid)
+    saddles = ~validity.minimum | (info.indefinite if info is not None else torch.zeros_like(validity.minimum))
+    return [
+        skipped.double().sum().cpu(),
+        saddles.double().sum().cpu(),
+        (validity.converged & ~validity.exact).double().sum().cpu(),
+        failed.double().sum().cpu(),
+    ]
 
 
 def _gradient_norm(params: Sequence[torch.Tensor]) -> float:
