@@ -117,6 +117,8 @@ class ImplicitRelax:
             step_offset=step_offset,
             warn=self.warn,
         )
+        if self.polish.newton_steps == 0 and self.polish.curvature_steps == 0:
+            return solved, PolishResult.unpolished(solved)
         polished = polish(
             self.potential,
             batch,

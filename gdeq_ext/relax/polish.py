@@ -108,6 +108,26 @@ class PolishResult:
     hvps: int
     force_evaluations: int
 
+    @classmethod
+    def unpolished(cls, solved) -> PolishResult:
+        """The forward solver's result as it is (polish and check both off): nothing estimated or checked."""
+        nan = torch.full_like(solved.fmax, float("nan"))
+        return cls(
+            positions=solved.positions,
+            energy=solved.energy,
+            forces=solved.forces,
+            fmax=solved.fmax,
+            edges=solved.edges,
+            fixed_point_error=nan,
+            exact=torch.ones_like(solved.converged),
+            newton_steps=torch.zeros_like(solved.steps),
+            lowest_curvature=nan,
+            highest_curvature=nan.clone(),
+            minimum=torch.ones_like(solved.converged),
+            hvps=0,
+            force_evaluations=0,
+        )
+
 
 def polish(
     potential,
