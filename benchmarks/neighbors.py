@@ -415,7 +415,11 @@ def main() -> None:
         help="all (default): CPU, and GPU when one is visible",
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "neighbors")
+    parser.add_argument("--repeats", type=int, nargs="+", help="n of the n³-cell supercells (default: by --quick)")
+    parser.add_argument("--batches", type=int, nargs="+", help="structures per batch (default: by --quick)")
     args = parser.parse_args()
+    REPEATS[args.quick] = tuple(args.repeats or REPEATS[args.quick])
+    BATCHES[args.quick] = tuple(args.batches or BATCHES[args.quick])
     if not OP_AVAILABLE:
         raise SystemExit("gdeq_ext's neighbor_list kernel is not built: pip install --no-build-isolation .")
     min_time = 0.1 if args.quick else 0.5
