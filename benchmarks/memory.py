@@ -50,6 +50,7 @@ from common import (  # noqa: E402
 
 import gdeq_ext  # noqa: E402
 from gdeq_ext import Batch, BPTTRelax, HybridRelax, ImplicitRelax, delta_q  # noqa: E402
+from gdeq_ext.relax import PolishOptions  # noqa: E402
 from gdeq_ext.potentials import MLIP, StillingerWeber, recomputed_forces  # noqa: E402
 
 CACHE = RESULTS / "cache"
@@ -138,7 +139,9 @@ def load_model(path: str, backend: str, dtype: torch.dtype, device: str):
 
 # ----------------------------------------------------------------------------------------------- one step
 def relaxer(config: Config, model):
-    quiet = dict(warn=False)
+    # The Newton polish and curvature check (#13) are off here for now: on the generic path they quadruple the
+    # forward time (docs/method.md, "What the polish costs") and the committed results were measured without them.
+    quiet = dict(warn=False, polish=PolishOptions(newton_steps=0, curvature_steps=0))
     if config.mode == "bptt":
         return BPTTRelax(model, steps=config.steps, fmax=0.0)
     if config.mode == "bptt-force":
