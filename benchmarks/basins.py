@@ -44,11 +44,11 @@ from common import RESULTS, fit_and_save, machine, machine_label, markdown_table
 
 import gdeq_ext  # noqa: E402
 from gdeq_ext import Batch, BPTTRelax, HybridRelax, ImplicitRelax, delta_q  # noqa: E402
-from gdeq_ext.relax import PolishOptions  # noqa: E402
 from gdeq_ext.data.basins import judge_basins  # noqa: E402
 from gdeq_ext.data.silicon_defects import silicon_defects  # noqa: E402
 from gdeq_ext.diagnose import diagnose, relax_starts  # noqa: E402
 from gdeq_ext.potentials import MLIP, StillingerWeber  # noqa: E402
+from gdeq_ext.relax import PolishOptions  # noqa: E402
 
 CACHE = RESULTS / "cache"
 

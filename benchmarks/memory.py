@@ -50,8 +50,8 @@ from common import (  # noqa: E402
 
 import gdeq_ext  # noqa: E402
 from gdeq_ext import Batch, BPTTRelax, HybridRelax, ImplicitRelax, delta_q  # noqa: E402
-from gdeq_ext.relax import PolishOptions  # noqa: E402
 from gdeq_ext.potentials import MLIP, StillingerWeber, recomputed_forces  # noqa: E402
+from gdeq_ext.relax import PolishOptions  # noqa: E402
 
 CACHE = RESULTS / "cache"
 README = Path(__file__).resolve().parents[1] / "README.md"
