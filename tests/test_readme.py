@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
+
+from gdeq_ext.relax import RelaxationWarning
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -20,5 +23,9 @@ def test_readme_has_an_example():
 
 @pytest.mark.parametrize("index", range(len(examples())))
 def test_readme_example_runs(index, capsys):
-    exec(compile(examples()[index], f"README.md example {index}", "exec"), {"__name__": "__readme__"})
+    """As written and without a relaxation warning: the first thing a user runs must not end in an untrusted
+    gradient."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RelaxationWarning)
+        exec(compile(examples()[index], f"README.md example {index}", "exec"), {"__name__": "__readme__"})
     assert capsys.readouterr().out.strip()

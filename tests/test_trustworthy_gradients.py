@@ -10,7 +10,8 @@ import pytest
 import torch
 from ase import Atoms
 
-from gdeq_ext.data.batch import Batch
+import gdeq_ext
+from gdeq_ext.data.batch import Batch, BatchValidationError
 from gdeq_ext.gradients import (
     ImplicitSolveOptions,
     InvalidGradientError,
@@ -245,3 +246,63 @@ def test_atoms_flying_apart_are_not_converged(kit):
 def test_relaxation_arguments_are_validated(morse, make, pattern):
     with pytest.raises(ValueError, match=pattern):
         make(morse)
+
+
+# ---------------------------------------------------------------------------------------------- input validation
+def _two_atoms(**overrides):
+    positions = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]], dtype=torch.float64)
+    arguments = dict(
+        positions=positions,
+        numbers=[14, 14],
+        cell=torch.eye(3, dtype=torch.float64)[None] * 5.0,
+        pbc=torch.ones(1, 3, dtype=torch.bool),
+        n_atoms_per_system=[2],
+    )
+    arguments.update(overrides)
+    return arguments
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(masses=torch.tensor([28.0, float("nan")], dtype=torch.float64)), "structure 0: atom 1 has mass nan"),
+        (dict(masses=torch.tensor([float("inf"), 28.0], dtype=torch.float64)), "structure 0: atom 0 has mass inf"),
+        (dict(pbc=torch.ones(2, dtype=torch.bool)), r"pbc must have shape \(1, 3\), got \(2,\)"),
+        (
+            dict(
+                n_atoms_per_system=[3, -1],
+                cell=torch.eye(3, dtype=torch.float64).repeat(2, 1, 1) * 5.0,
+                pbc=torch.ones(2, 3, dtype=torch.bool),
+            ),
+            "structure 1: negative atom count -1",
+        ),
+        (dict(n_atoms_per_system=[[2]]), "n_atoms_per_system must be 1-D"),
+        (dict(numbers=torch.tensor([14.5, 14.0])), "atom 0: atomic number 14.5 is not an integer"),
+    ],
+)
+def test_bad_batches_are_named(overrides, message):
+    with pytest.raises(BatchValidationError, match=message):
+        Batch.from_tensors(**_two_atoms(**overrides))
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_thin_cell_is_refused_before_allocating(kernel):
+    """A 0.01 Å periodic cell with a 3.77 Å cutoff would need ~2e8 pairs (~10 GB): refused by the budget."""
+    from gdeq_ext.neighbors.reference import neighbor_list_reference
+
+    positions = torch.zeros(1, 3, dtype=torch.float64)
+    cell = torch.eye(3, dtype=torch.float64)[None] * 0.01
+    pbc = torch.ones(1, 3, dtype=torch.bool)
+    counts = torch.tensor([1])
+    with pytest.raises(ValueError, match=r"structure 0: cell far thinner than the cutoff: up to .* pairs would be"):
+        if kernel:
+            if not gdeq_ext.HAVE_EXTENSION:
+                pytest.skip("compiled extension not built")
+            gdeq_ext.neighbor_list((positions, cell, pbc, counts), 3.77)
+        else:
+            neighbor_list_reference(positions, cell, pbc, counts, 3.77, True)
+    # A physical small cell with a cutoff larger than the cell is fine (8 atoms, 10 Å: ~1e3 candidates per atom).
+    cell = torch.eye(3, dtype=torch.float64)[None] * 5.43
+    positions = torch.rand(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 5.43
+    edge_index, _ = gdeq_ext.neighbor_list((positions, cell, pbc, torch.tensor([8])), 10.0)
+    assert edge_index.shape[1] > 0

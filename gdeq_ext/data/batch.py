@@ -58,11 +58,30 @@ class Batch:
     ) -> Batch:
         """Build a batch from packed tensors; ``masses`` default to ASE's atomic masses (amu)."""
         device = positions.device
-        n_atoms_per_system = torch.as_tensor(n_atoms_per_system, dtype=torch.int64, device=device)
+        counts = torch.as_tensor(n_atoms_per_system, device=device)
+        # Checked before repeat_interleave, whose own errors ("repeats can not be negative") name nothing.
+        if counts.dim() != 1:
+            raise BatchValidationError(
+                f"n_atoms_per_system must be 1-D (one count per structure), got shape {tuple(counts.shape)}"
+            )
+        if counts.is_floating_point() and not bool((counts == counts.round()).all()):
+            raise BatchValidationError(f"n_atoms_per_system must be integers, got {counts.tolist()}")
+        n_atoms_per_system = counts.to(torch.int64)
+        negative = (n_atoms_per_system < 0).nonzero().flatten()
+        if negative.numel():
+            s = int(negative[0])
+            raise BatchValidationError(
+                f"structure {s}: negative atom count {int(n_atoms_per_system[s])} in n_atoms_per_system"
+            )
         # Tensors keep their device (validate() then names a mismatch); sequences go to positions' device.
-        numbers = torch.as_tensor(
-            numbers, dtype=torch.int64, device=numbers.device if isinstance(numbers, torch.Tensor) else device
-        )
+        numbers = torch.as_tensor(numbers, device=numbers.device if isinstance(numbers, torch.Tensor) else device)
+        if numbers.is_floating_point():
+            fractional = (numbers != numbers.round()).nonzero().flatten()
+            if fractional.numel():
+                raise BatchValidationError(
+                    f"atom {int(fractional[0])}: atomic number {float(numbers[fractional[0]])} is not an integer"
+                )
+        numbers = numbers.to(torch.int64)
         if masses is None:
             from ase.data import atomic_masses
 
@@ -237,11 +256,14 @@ class Batch:
                 f"structure {s}: atom {local} has a non-finite position {self.positions[atom].tolist()} "
                 f"({bad_atoms.numel()} non-finite atoms in the batch)"
             )
-        if self.masses.numel() and not bool((self.masses > 0).all()):
-            atom = int((self.masses <= 0).nonzero()[0])
+        # `not mass > 0` so that NaN is caught too; infinite masses would freeze the atom silently.
+        bad_mass = (~((self.masses > 0) & torch.isfinite(self.masses))).nonzero().flatten()
+        if bad_mass.numel():
+            atom = int(bad_mass[0])
             s = int(self.system[atom])
             raise BatchValidationError(
-                f"structure {s}: atom {atom - int(self.ptr[s])} has non-positive mass {float(self.masses[atom])}"
+                f"structure {s}: atom {atom - int(self.ptr[s])} has mass {float(self.masses[atom])} "
+                f"(masses must be positive and finite, amu)"
             )
         self._validate_cells()
 

@@ -23,6 +23,7 @@ __all__ = ["neighbor_list_reference", "complete_cell", "sort_edges", "validate_s
 _DEGENERATE_CELL_RATIO = 1e-8
 # Candidate (i, j, image) triples evaluated at once.
 _CHUNK = 1 << 18
+MAX_CANDIDATES_PER_ATOM = 1e5  # = kMaxCandidatesPerAtom in csrc/include/gdeq_ext/neighbor_list.h
 
 
 def complete_cell(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
@@ -106,9 +107,10 @@ def _empty(device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _structure_pairs(
-    positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, cutoff: float, full: bool
+    positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, cutoff: float, full: bool, structure: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n = positions.shape[0]
+    where = f"gdeq_ext.neighbor_list: structure {structure}: "
     device = positions.device
     if n == 0:
         return _empty(device)
@@ -120,6 +122,18 @@ def _structure_pairs(
     fractional = positions.double() @ inverse
     offset = torch.where(pbc, torch.floor(fractional), torch.zeros_like(fractional)).long()
     reach = [int(math.ceil(cutoff * float(inverse[:, k].norm()))) + 1 if bool(pbc[k]) else 0 for k in range(3)]
+    # The kernels' pair budget (csrc/include/gdeq_ext/neighbor_list.h, kMaxCandidatesPerAtom), checked before
+    # anything is allocated: each atom meets ~n (2 cutoff |b_k| + 1) images per periodic axis.
+    per_atom = float(n)
+    for k in range(3):
+        if bool(pbc[k]):
+            per_atom *= 2.0 * cutoff * float(inverse[:, k].norm()) + 1.0
+    if per_atom > MAX_CANDIDATES_PER_ATOM:
+        raise ValueError(
+            f"{where}cell far thinner than the cutoff: up to {per_atom * n:.3g} pairs would be built (more than "
+            "1e5 per atom; no physical structure needs that many), so nothing was allocated; check the cell (Å) "
+            "and the cutoff"
+        )
     images = torch.tensor(
         list(itertools.product(*[range(-r, r + 1) for r in reach])), dtype=torch.long, device=device
     )  # (M, 3)
@@ -182,8 +196,9 @@ def neighbor_list_reference(
         excluded, self-images (i, i, S != 0) included.
 
     Raises:
-        ValueError: bad cutoff, or a structure with non-finite positions, a non-finite or singular cell;
-        the message names the structure (and atom).
+        ValueError: bad cutoff, or a structure with non-finite positions, a non-finite or singular cell, or a
+        cell so much thinner than the cutoff that more than 1e5 pairs per atom would be built; the message
+        names the structure (and atom).
     """
     cutoff = float(cutoff)
     if not (math.isfinite(cutoff) and cutoff > 0):
@@ -193,7 +208,7 @@ def neighbor_list_reference(
     edges, shifts = [], []
     start = 0
     for s, count in enumerate(counts):
-        e, sh = _structure_pairs(positions[start : start + count], cell[s], pbc[s], cutoff, full)
+        e, sh = _structure_pairs(positions[start : start + count], cell[s], pbc[s], cutoff, full, s)
         edges.append(e + start)
         shifts.append(sh)
         start += count

@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <string>
 
 #include "gdeq_ext/checks.h"
@@ -67,7 +68,12 @@ enum Error : int {
   kTooManyImages = 5,
   kBadCounts = 6,
   kPositionTooFar = 7,
+  kTooManyPairs = 8,
 };
+
+// Candidate pairs per atom above which a structure is refused before anything is allocated: a dense solid with
+// a 15 Å cutoff scans ~1e4; only a cell far thinner than the cutoff (or atoms piled on each other) reaches this.
+constexpr double kMaxCandidatesPerAtom = 1e5;
 
 // Per-structure geometry, written once per call (CPU: a std::vector; CUDA: a device buffer).
 struct Grid {
@@ -310,6 +316,18 @@ GDEQ_HD int size_grid(Grid& g, const double* lo, const double* hi, double max_ab
       g.reach[k] = static_cast<int64_t>(fmin(reach, bins[k] - 1.0));
     }
   }
+  // Pair budget: an atom scans (2 reach + 1) bins per axis (periodic: tiles of images), each holding count / bins
+  // atoms on average. Refuse before the search allocates (a 0.01 Å cell with a 4 Å cutoff: ~4e8 pairs).
+  double per_atom = static_cast<double>(count);
+  for (int k = 0; k < 3; ++k) {
+    const double scanned = 2.0 * static_cast<double>(g.reach[k]) + 1.0;
+    per_atom *= (g.periodic[k] ? scanned : fmin(scanned, bins[k])) / bins[k];
+  }
+  if (per_atom > kMaxCandidatesPerAtom) {
+    // detail: thousands of pairs (the device reports 32 bits)
+    detail = static_cast<int64_t>(fmin(ceil(per_atom * static_cast<double>(count) / 1e3), 4294967295.0));
+    return kTooManyPairs;
+  }
   return kOk;
 }
 
@@ -462,6 +480,13 @@ inline std::string error_message(int code, int64_t structure, int64_t detail) {
     case kTooManyImages:
       return where + "the cutoff spans more than " + std::to_string(kMaxReach) +
              " lattice planes along axis " + std::to_string(detail) + " (an absurdly thin periodic cell)";
+    case kTooManyPairs: {
+      char pairs[32];
+      snprintf(pairs, sizeof(pairs), "%.3g", 1e3 * static_cast<double>(detail));
+      return where + "cell far thinner than the cutoff: up to " + pairs +
+             " pairs would be built (more than 1e5 per atom; no physical structure needs that many), so nothing "
+             "was allocated; check the cell (Å) and the cutoff";
+    }
     case kBadCounts:
       return where + "n_atoms_per_system is negative or the counts do not add up to the number of positions";
     default:
