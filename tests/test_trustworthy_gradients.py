@@ -287,7 +287,7 @@ def test_bad_batches_are_named(overrides, message):
 
 @pytest.mark.parametrize("kernel", [True, False])
 def test_thin_cell_is_refused_before_allocating(kernel):
-    """A 0.01 Å periodic cell with a 3.77 Å cutoff would need ~2e8 pairs (~10 GB): refused by the budget."""
+    """A 0.01 Å periodic cell with a 3.77 Å cutoff (~2e8 pairs, ~10 GB; the bound says 4.3e8): refused."""
     from gdeq_ext.neighbors.reference import neighbor_list_reference
 
     positions = torch.zeros(1, 3, dtype=torch.float64)

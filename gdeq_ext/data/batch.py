@@ -67,12 +67,7 @@ class Batch:
         if counts.is_floating_point() and not bool((counts == counts.round()).all()):
             raise BatchValidationError(f"n_atoms_per_system must be integers, got {counts.tolist()}")
         n_atoms_per_system = counts.to(torch.int64)
-        negative = (n_atoms_per_system < 0).nonzero().flatten()
-        if negative.numel():
-            s = int(negative[0])
-            raise BatchValidationError(
-                f"structure {s}: negative atom count {int(n_atoms_per_system[s])} in n_atoms_per_system"
-            )
+        _check_nonnegative(n_atoms_per_system)
         # Tensors keep their device (validate() then names a mismatch); sequences go to positions' device.
         numbers = torch.as_tensor(numbers, device=numbers.device if isinstance(numbers, torch.Tensor) else device)
         if numbers.is_floating_point():
@@ -222,12 +217,11 @@ class Batch:
             raise BatchValidationError(f"positions must have shape (n_atoms, 3), got {tuple(self.positions.shape)}")
         if not self.positions.is_floating_point():
             raise BatchValidationError(f"positions must be floating point, got {self.positions.dtype}")
+        _check_nonnegative(self.n_atoms_per_system)
         if int(self.n_atoms_per_system.sum()) != n_atoms:
             raise BatchValidationError(
                 f"n_atoms_per_system sums to {int(self.n_atoms_per_system.sum())} but there are {n_atoms} atoms"
             )
-        if bool((self.n_atoms_per_system < 0).any()):
-            raise BatchValidationError("n_atoms_per_system must be non-negative")
         expected = {
             "numbers": (n_atoms,),
             "masses": (n_atoms,),
@@ -298,3 +292,13 @@ class Batch:
                         f"structure {s}: left-handed cell (determinant {det:.6g} Å^3); swapping two lattice "
                         f"vectors describes the same crystal with a right-handed cell"
                     )
+
+
+def _check_nonnegative(n_atoms_per_system: torch.Tensor) -> None:
+    """Name the first structure with a negative atom count (from_tensors checks before repeat_interleave)."""
+    negative = (n_atoms_per_system < 0).nonzero().flatten()
+    if negative.numel():
+        s = int(negative[0])
+        raise BatchValidationError(
+            f"structure {s}: negative atom count {int(n_atoms_per_system[s])} in n_atoms_per_system"
+        )

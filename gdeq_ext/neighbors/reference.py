@@ -131,8 +131,8 @@ def _structure_pairs(
     if per_atom > MAX_CANDIDATES_PER_ATOM:
         raise ValueError(
             f"{where}cell far thinner than the cutoff: up to {per_atom * n:.3g} pairs would be built (more than "
-            "1e5 per atom; no physical structure needs that many), so nothing was allocated; check the cell (Å) "
-            "and the cutoff"
+            "1e5 per atom; no physical structure needs that many), so nothing was "
+            "allocated; check the cell (Å) and the cutoff"
         )
     images = torch.tensor(
         list(itertools.product(*[range(-r, r + 1) for r in reach])), dtype=torch.long, device=device
