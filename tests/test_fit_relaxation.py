@@ -8,6 +8,8 @@ import math
 import os
 import pathlib
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -30,6 +32,7 @@ from gdeq_ext.train import (
     rattled_silicon,
 )
 from gdeq_ext.train.__main__ import main
+from gdeq_ext.train.checkpoints import CheckpointError, CheckpointWarning, write_atomically
 from gdeq_ext.train.config import parse_override
 from gdeq_ext.train.relaxation import COLUMNS, find_checkpoint, load_checkpoint
 
@@ -341,3 +344,112 @@ def test_trust_columns_are_zero_on_converged_relaxations(pairs, base_path, tmp_p
     for row in rows:
         assert int(row["skipped"]) + int(row["solve_failed"]) + int(row["nonfinite_gradient"]) == 0, row
         assert 0.0 <= float(row["fixed_point_error"]) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints (#13)
+def test_resume_falls_back_past_unreadable_checkpoints_and_cleans_up(tmp_path, pairs, base_path):
+    """The newest checkpoint truncated, the one before empty, a killed writer's temporary left behind: the resume
+    names both skipped files, renames them out of the rotation, deletes the temporary and continues from the
+    newest that loads, to the same parameters as an uninterrupted run."""
+    settings = dict(SETTINGS, steps=4, checkpoint_every=1, keep_checkpoints=5, eval_every=0, eval_train=False)
+    reference = MLIP.load(base_path)
+    fit_relaxation(reference, pairs, **settings)
+    out = tmp_path / "run"
+    fit_relaxation(MLIP.load(base_path), pairs, output_dir=out, **dict(settings, steps=3))
+    folder = out / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == [f"step_0000000{k}.pt" for k in (1, 2, 3)]
+    newest = (folder / "step_00000003.pt").read_bytes()
+    (folder / "step_00000003.pt").write_bytes(newest[: len(newest) // 2])
+    (folder / "step_00000002.pt").write_bytes(b"")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (folder / f"step_00000004.pt.tmp{gone.pid}").write_bytes(b"partial")
+    alive = folder / f"step_00000004.pt.tmp{os.getppid()}"  # a live process's temporary is not touched
+    alive.write_bytes(b"in progress")
+
+    model = MLIP.load(base_path)
+    with pytest.warns(CheckpointWarning) as caught:
+        result = fit_relaxation(model, pairs, output_dir=out, **settings)
+    messages = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    assert len(messages) == 2, messages
+    assert "step_00000003.pt: unreadable" in messages[0] and "step_00000002.pt: empty file (0 bytes)" in messages[1]
+    assert all("resuming from" in m and m.endswith("step_00000001.pt") for m in messages)
+    assert result.resumed_from == 1 and result.steps == 4
+    names = sorted(p.name for p in folder.iterdir())
+    assert "step_00000003.pt.unreadable" in names and "step_00000002.pt.unreadable" in names
+    assert f"step_00000004.pt.tmp{gone.pid}" not in names and alive.name in names
+    assert {f"step_0000000{k}.pt" for k in (1, 2, 3, 4)} <= set(names)
+    for key, value in parameters(reference).items():
+        assert torch.equal(value, model.state_dict()[key]), key
+
+    # Nothing loads: an error naming each file, not a silent fresh start over the old run.
+    bad = tmp_path / "bad" / "checkpoints"
+    bad.mkdir(parents=True)
+    (bad / "step_00000007.pt").write_bytes(b"")
+    torch.save({"format": "something else"}, bad / "step_00000003.pt")
+    with pytest.raises(CheckpointError, match=r"none of the 2 checkpoints in .* loads: .*step_00000007.pt: empty"):
+        fit_relaxation(MLIP.load(base_path), pairs, output_dir=tmp_path / "bad", **settings)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "step_00000001.pt"
+    write_atomically({"a": torch.ones(2)}, path)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically({"a": torch.zeros(2)}, path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left, the old file intact
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+
+
+def test_resume_refuses_other_data_or_another_model(tmp_path, pairs, base_path):
+    out = tmp_path / "run"
+    settings = dict(SETTINGS, steps=1, eval_every=0, eval_train=False)
+    fit_relaxation(MLIP.load(base_path), pairs, output_dir=out, **settings)
+    longer = dict(settings, steps=2)
+    moved = RelaxationPairs(
+        [
+            RelaxationPair(p.start.copy(), p.reference + (1e-3 if k == 2 else 0.0), dict(p.info))
+            for k, p in enumerate(pairs)
+        ]
+    )
+    with pytest.raises(ConfigError, match=r"the training pairs changed \(same count, 5, but fingerprint"):
+        fit_relaxation(MLIP.load(base_path), moved, output_dir=out, **longer)
+    with pytest.raises(ConfigError, match=r"the training pairs changed"):  # same pairs, another order
+        fit_relaxation(MLIP.load(base_path), pairs.subset([1, 0, 2, 3, 4]), output_dir=out, **longer)
+    wider = MLIP(features=9, channels=4, n_radial=4, n_layers=1, hidden=16).double()
+    with pytest.raises(ConfigError, match=r"cannot resume from .*step_00000001.pt: model features was 8 and is now 9"):
+        fit_relaxation(wider, pairs, output_dir=out, **longer)
+    with pytest.raises(ConfigError, match=r"model dtype was float64 and is now float32"):
+        fit_relaxation(MLIP.load(base_path).float(), pairs, output_dir=out, **longer)
+    reread = RelaxationPairs([RelaxationPair(p.start.copy(), p.reference.copy(), {}) for p in pairs])
+    assert reread.fingerprint() == pairs.fingerprint()  # info is not part of it; the same data resumes
+    assert fit_relaxation(MLIP.load(base_path), reread, output_dir=out, **longer).resumed_from == 1
+
+
+def test_command_names_the_step_and_dataset_frame_of_a_failure(tmp_path, pairs, base_path, capsys):
+    """A start whose atoms overlap passes the data checks but not the potential's: the command exits 2 and the
+    message names the training step and the dataset frame (not the index inside the batch)."""
+    broken = [RelaxationPair(p.start.copy(), p.reference.copy(), dict(p.info)) for p in pairs]
+    broken[3].start.positions[1] = broken[3].start.positions[0] + 0.05
+    write_relaxation_pairs(tmp_path / "pairs.extxyz", broken)
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'[data]\ntrain = "pairs.extxyz"\n[model]\ninit = "{base_path}"\n'
+        "[relax]\nwindow = 2\nmax_relax_steps = 50\n[train]\nsteps = 1\nbatch_size = 5\neval_every = 0\n"
+        "eval_train = false\n"
+    )
+    assert main([str(config), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "error: training step 1, batch of dataset frames of " in error and "pairs.extxyz" in error, error
+    assert "dataset frame 3 (batch structure " in error and "overlaps atom" in error, error
+    assert "Traceback" not in error
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "model.pt").write_bytes(b"")
+    config.write_text(config.read_text().replace(str(base_path), str(tmp_path / "empty" / "model.pt")))
+    assert main([str(config), "--output-dir", str(tmp_path / "out2"), "--no-progress"]) == 2
+    assert "model.pt: empty file (0 bytes)" in capsys.readouterr().err

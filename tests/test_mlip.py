@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -278,6 +280,58 @@ def test_save_load_roundtrip(tmp_path):
 
         StillingerWeber().save(tmp_path / "sw.pt")
         MLIP.load(tmp_path / "sw.pt")
+
+
+def test_load_refuses_bad_files_and_names_them(tmp_path):
+    """#13: every load error names the file; a hostile file cannot make MLIP.load allocate gigabytes."""
+    from gdeq_ext.potentials import PotentialFileError
+
+    model = model64(features=4, channels=2, n_radial=3, n_layers=1, hidden=4)
+    good = tmp_path / "good.pt"
+    model.save(good)
+    data = torch.load(good, weights_only=True)
+
+    def write(name, content):
+        path = tmp_path / name
+        torch.save(content, path)
+        return str(path)
+
+    with pytest.raises(FileNotFoundError, match=r"missing.pt: no such potential file"):
+        MLIP.load(tmp_path / "missing.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(PotentialFileError, match=r"empty.pt: empty file \(0 bytes\)"):
+        MLIP.load(tmp_path / "empty.pt")
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:200])
+    with pytest.raises(PotentialFileError, match=r"cut.pt: unreadable \(200 bytes"):
+        MLIP.load(tmp_path / "cut.pt")
+    cases = {
+        "huge.pt": ({"features": 10**7}, r"huge.pt: MLIP hyperparameter features = 10000000 is outside \[1, 4096\]"),
+        "many.pt": (
+            {"features": 4096, "channels": 4096, "hidden": 8192, "n_layers": 64},
+            r"many.pt: MLIP hyperparameters .* give .* weights, more than 5e\+07",
+        ),
+        "cutoff.pt": ({"cutoff": float("nan")}, r"cutoff.pt: MLIP hyperparameter cutoff = nan Å is outside"),
+        "species.pt": ({"species": [14, 14]}, r"species.pt: MLIP hyperparameter species = \[14, 14\] is not"),
+        "typo.pt": ({"featurs": 4}, r"typo.pt: unknown MLIP hyperparameters \['featurs'\]"),
+    }
+    for name, (change, message) in cases.items():
+        path = write(name, {**data, "hyperparameters": {**data["hyperparameters"], **change}})
+        with pytest.raises(PotentialFileError, match=message):
+            MLIP.load(path)
+    nan_weights = {k: v.clone() for k, v in data["state_dict"].items()}
+    nan_weights["readout.0.weight"][0, 0] = math.nan
+    with pytest.raises(PotentialFileError, match=r"nan.pt: weight 'readout.0.weight' holds NaN or inf"):
+        MLIP.load(write("nan.pt", {**data, "state_dict": nan_weights}))
+    wider = {**data, "hyperparameters": {**data["hyperparameters"], "features": 5}}
+    with pytest.raises(PotentialFileError, match=r"wider.pt: the stored weights do not fit the stored hyperpar"):
+        MLIP.load(write("wider.pt", wider))
+    with pytest.raises(PotentialFileError, match=r"dtype.pt: dtype 'int8' is not one of"):
+        MLIP.load(write("dtype.pt", {**data, "dtype": "int8"}))
+    with pytest.raises(PotentialFileError, match=r"list.pt: not a gdeq_ext potential file"):
+        MLIP.load(write("list.pt", [1, 2, 3]))
+    loaded = MLIP.load(good)  # float64 weights survive exactly (the dtype is set before they are loaded)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_bad_input_is_named(model):

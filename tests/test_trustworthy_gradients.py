@@ -92,6 +92,44 @@ def test_polish_leaves_an_exact_minimum_alone(morse, morse_cells):
 
 
 # ------------------------------------------------------------------------------------------------ saddles
+def test_damped_newton_recovers_when_lanczos_overestimates_the_lowest_curvature(morse, monkeypatch):
+    """A dimer stretched past the Morse inflection point (r0 + ln 2 / a = 3.03 Å; here 3.3 Å) has negative curvature
+    along the bond, so CG meets it and the step is damped. If the short Lanczos run overestimates λ_min (here forced:
+    it reports |λ_min|, the wrong sign), the first shift leaves H + μI indefinite; the shift must grow until the
+    damped solve is positive definite, and the polish must still end at the exact minimum (it used to give a zero
+    step and leave the structure where it was, "not exact")."""
+    import importlib
+
+    polish_module = importlib.import_module("gdeq_ext.relax.polish")
+    from gdeq_ext.gradients.implicit_function import ImplicitSolveOptions
+    from gdeq_ext.relax.forces import default_force_fn
+
+    real = polish_module.extreme_curvatures
+    calls = []
+
+    def overestimating(*args, **kwargs):
+        lowest, highest, products = real(*args, **kwargs)
+        calls.append(float(lowest[0]))
+        return lowest.abs(), highest, products
+
+    monkeypatch.setattr(polish_module, "extreme_curvatures", overestimating)
+    atoms = Atoms("Ar2", positions=[[5.0, 5.0, 5.0], [8.3, 5.0, 5.0]], cell=[12.0] * 3, pbc=False)
+    batch = Batch.from_ase(atoms, dtype=torch.float64)
+    result = polish_module.polish(
+        morse,
+        batch,
+        batch.positions,
+        torch.tensor([True]),
+        options=PolishOptions(),
+        solve=ImplicitSolveOptions(),
+        force_fn=default_force_fn(None),
+    )
+    assert calls[0] < -0.05  # the real lowest curvature at the start: negative, along the bond
+    assert bool(result.exact[0]) and float(result.fixed_point_error[0]) <= 1e-5
+    distance = float((result.positions[1] - result.positions[0]).norm())
+    assert distance < 3.0 and float(result.fmax[0]) < 1e-6, distance  # the minimum (2.43 Å with the cutoff taper)
+
+
 @pytest.mark.parametrize("on_invalid", ["raise", "skip", "warn"])
 def test_saddle_is_flagged_and_the_policy_applies(kit, on_invalid):
     morse = kit.MorsePair(cutoff=6.0)  # the end atoms interact: bending lowers the energy

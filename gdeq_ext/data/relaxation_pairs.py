@@ -23,6 +23,7 @@ frame at fault (:class:`RelaxationDataError`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -237,6 +238,29 @@ class RelaxationPairs(Sequence):
     def __repr__(self) -> str:
         atoms = sorted({p.n_atoms for p in self.pairs})
         return f"RelaxationPairs({len(self)} pairs, atoms per structure {atoms}, source={self.source!r})"
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the pairs in order: species, start and reference positions, cells, pbc, masses.
+
+        Equal for the same data read again (extxyz is written with fixed decimals), different when any
+        structure, position, reference or the order changes; ``info`` is not included. Checkpoints store it so
+        that a resume on other data with the same number of pairs is refused.
+        """
+        digest = hashlib.sha256()
+        for pair in self.pairs:
+            start = pair.start
+            for array, dtype in (
+                (start.numbers, np.int64),
+                (start.positions, np.float64),
+                (pair.reference, np.float64),
+                (start.cell.array, np.float64),
+                (start.pbc, np.bool_),
+                (start.get_masses(), np.float64),
+            ):
+                values = np.ascontiguousarray(np.asarray(array, dtype=dtype))
+                digest.update(str(values.shape).encode())
+                digest.update(values.tobytes())
+        return digest.hexdigest()
 
     def subset(self, indices: Sequence[int]) -> RelaxationPairs:
         return RelaxationPairs([self.pairs[int(k)] for k in indices], self.source)

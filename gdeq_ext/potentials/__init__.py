@@ -2,6 +2,7 @@
 
 from gdeq_ext.potentials.base import Edges, Potential, energy_forces, hessian_vector_product
 from gdeq_ext.potentials.force_function import force, recomputed_forces
+from gdeq_ext.potentials.io import PotentialFileError
 from gdeq_ext.potentials.mlip import MLIP, edge_moments
 from gdeq_ext.potentials.mlip_reference import edge_moments_padded, edge_moments_reference
 from gdeq_ext.potentials.stillinger_weber import SW_SILICON, StillingerWeber
@@ -11,6 +12,7 @@ __all__ = [
     "SW_SILICON",
     "Edges",
     "Potential",
+    "PotentialFileError",
     "StillingerWeber",
     "edge_moments",
     "edge_moments_padded",

@@ -80,6 +80,6 @@ def check_overlaps(batch: Batch, edge_index: torch.Tensor, distances: torch.Tens
     _, local_j = _locate(batch, j)
     what = "an image of itself" if i == j else f"atom {local_j}"
     raise ValueError(
-        f"structure {structure}: atom {local_i} overlaps {what} (distance {float(distances[edge]):.4g} Å "
+        f"structure {structure}: atom {local_i} overlaps {what} (distance {float(distances.detach()[edge]):.4g} Å "
         f"< {MIN_DISTANCE} Å); overlapping atoms are not a physical configuration"
     )

@@ -30,6 +30,18 @@ __all__ = ["BACKENDS", "MLIP", "edge_moments"]
 
 BACKENDS = ("fused", "reference")
 
+# What MLIP.load accepts from a file (inclusive ranges), and the most weights it builds: a corrupted or hostile
+# file must not make it allocate gigabytes. Far above any model of this project (the default has 13,922 weights).
+LOAD_BOUNDS = {
+    "features": (1, 4096),
+    "channels": (1, 4096),
+    "n_radial": (1, 256),
+    "n_layers": (1, 64),
+    "hidden": (1, 8192),
+}
+MAX_LOADED_PARAMETERS = 50_000_000
+_DEFAULT_SIZES = {"features": 32, "channels": 16, "n_radial": 8, "n_layers": 2, "hidden": 64}
+
 
 def edge_moments(
     vectors: torch.Tensor,
@@ -132,6 +144,42 @@ class MLIP(SaveLoadMixin, Potential):
 
     def hyperparameters(self) -> dict:
         return dict(self.config)
+
+    @classmethod
+    def check_hyperparameters(cls, hyperparameters: dict) -> None:
+        """Bounds on a stored MLIP (``MLIP.load``): sizes within :data:`LOAD_BOUNDS`, at most
+        :data:`MAX_LOADED_PARAMETERS` weights, a finite cutoff in (0, 20] Å, 1-118 distinct atomic numbers."""
+        known = {"species", "cutoff", "features", "channels", "n_radial", "n_layers", "hidden", "seed", "backend"}
+        unknown = sorted(set(hyperparameters) - known)
+        if unknown:
+            raise ValueError(f"unknown MLIP hyperparameters {unknown}")
+        sizes = {}
+        for name, (low, high) in LOAD_BOUNDS.items():
+            value = hyperparameters.get(name, _DEFAULT_SIZES[name])
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"MLIP hyperparameter {name} = {value!r} is outside [{low}, {high}]")
+            sizes[name] = value
+        species = hyperparameters.get("species", [14])
+        if (
+            not isinstance(species, (list, tuple))
+            or not 1 <= len(species) <= 118
+            or not all(isinstance(z, int) and not isinstance(z, bool) and 1 <= z <= 118 for z in species)
+            or len(set(species)) != len(species)
+        ):
+            shown = repr(species) if len(repr(species)) < 200 else repr(species)[:200] + "..."
+            raise ValueError(f"MLIP hyperparameter species = {shown} is not a list of distinct atomic numbers 1-118")
+        cutoff = hyperparameters.get("cutoff", 4.0)
+        if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not 0.0 < cutoff <= 20.0:
+            raise ValueError(f"MLIP hyperparameter cutoff = {cutoff!r} Å is outside (0, 20]")
+        seed = hyperparameters.get("seed", 0)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"MLIP hyperparameter seed = {seed!r} is not an integer or None")
+        f, c, r, t, h = (sizes[k] for k in ("features", "channels", "n_radial", "n_layers", "hidden"))
+        count = len(species) * (f + 1) + t * (f * c + r * c + 3 * c * h + h + h * f + f) + f * h + h + h + 1
+        if count > MAX_LOADED_PARAMETERS:
+            raise ValueError(
+                f"MLIP hyperparameters {sizes} give {count:.3g} weights, more than {MAX_LOADED_PARAMETERS:.0e}"
+            )
 
     @property
     def backend(self) -> str:

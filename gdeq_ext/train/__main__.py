@@ -13,7 +13,8 @@ Settings can be overridden on the command line (``--set optim.lr=3e-4 --set trai
 same command again resumes from the latest checkpoint in the output folder; Ctrl-C (or SIGTERM) stops after
 the current step and writes a checkpoint first. Outputs: ``metrics.csv``, ``learning_curves.png``,
 ``summary.md``, ``model.pt`` (load with ``gdeq_ext.MLIP.load``; ASE: ``gdeq_ext.ase.GDEQCalculator``).
-Exit status: 0 done, 2 bad config or data, 130 interrupted.
+Exit status: 0 done; 2 bad config, data, checkpoint or potential file, or a training step that failed (the
+message names the step and the dataset frames); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import sys
 
 import torch
 
-from gdeq_ext.data.relaxation_pairs import RelaxationDataError, RelaxationPairs, read_relaxation_pairs
+from gdeq_ext.data.relaxation_pairs import RelaxationPairs, read_relaxation_pairs
+from gdeq_ext.gradients.implicit_function import InvalidGradientError
 from gdeq_ext.train.config import RESUME, Config, ConfigError, load_config, parse_override
 from gdeq_ext.train.distributed import DistributedContext, init_distributed, shutdown
-from gdeq_ext.train.relaxation import find_checkpoint, fit_relaxation
+from gdeq_ext.train.relaxation import TrainingStepError, find_checkpoint, fit_relaxation
 
 __all__ = ["build_model", "main"]
 
@@ -147,7 +149,17 @@ def main(argv: list[str] | None = None) -> int:
             model, train, validation=validation, config=config, output_dir=output_dir, context=context
         )
         finished = True
-    except (ConfigError, RelaxationDataError, FileNotFoundError, FileExistsError) as error:
+    except (
+        ValueError,
+        FloatingPointError,
+        TrainingStepError,
+        InvalidGradientError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as error:
+        # Bad config, data, checkpoint or potential file (ConfigError, RelaxationDataError, CheckpointError,
+        # PotentialFileError are ValueErrors), or a step that failed on named dataset frames (TrainingStepError):
+        # the message says what to fix; a traceback would only bury it.
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:

@@ -128,7 +128,7 @@ class RelaxConfig:
         on_invalid: what a structure without a trustworthy implicit gradient (unconverged relaxation, inexact fixed
             point, saddle, failed backward solve) does: "skip" (default: its gradient contribution is zeroed and
             counted in metrics.csv), "raise" or "warn" (``gdeq_ext.relax.validity``).
-        newton_steps: Newton polish steps of the relaxed structure before the implicit backward (default 12; 0 off).
+        newton_steps: Newton polish steps of the relaxed structure before the implicit backward (default 24; 0 off).
     """
 
     mode: str = "hybrid"
@@ -145,7 +145,7 @@ class RelaxConfig:
     max_iter: int | None = None
     damping: float = 0.0
     on_invalid: str = "skip"
-    newton_steps: int = 12
+    newton_steps: int = 24
 
 
 @dataclass

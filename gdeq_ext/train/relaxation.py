@@ -35,7 +35,6 @@ Data-parallel over ``torch.distributed`` ranks: see :mod:`gdeq_ext.train.distrib
 from __future__ import annotations
 
 import csv
-import glob
 import math
 import os
 import random
@@ -53,10 +52,24 @@ import torch.distributed as dist
 
 from gdeq_ext.data.batch import Batch
 from gdeq_ext.data.relaxation_pairs import RelaxationPairs, read_relaxation_pairs
+from gdeq_ext.gradients.implicit_function import InvalidGradientError
 from gdeq_ext.hardware import describe
 from gdeq_ext.loss import delta_q
 from gdeq_ext.relax import BPTTRelax, HybridRelax, ImplicitRelax, PolishOptions, fire
 from gdeq_ext.relax.checks import NonFiniteError
+from gdeq_ext.train.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    check_resume,
+    checkpoint_dir,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest_checkpoint,
+    model_signature,
+    remove_stale_temporaries,
+    write_atomically,
+)
 from gdeq_ext.train.config import Config, ConfigError, OptimConfig, RelaxConfig
 from gdeq_ext.train.data import seed_for
 from gdeq_ext.train.distributed import (
@@ -72,6 +85,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "COLUMNS",
     "RelaxationFitResult",
+    "TrainingStepError",
     "basin_distance",
     "correct_basin",
     "evaluate_relaxation",
@@ -83,8 +97,6 @@ __all__ = [
     "make_scheduler",
     "plot_learning_curves",
 ]
-
-CHECKPOINT_FORMAT = "gdeq_ext.relaxation_checkpoint/1"
 
 # metrics.csv columns, in order. Validation columns are empty on steps without an evaluation; step 0 is the
 # evaluation before training.
@@ -230,6 +242,44 @@ def make_scheduler(optimizer, optim: OptimConfig, total_steps: int) -> torch.opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(optim, total_steps))
 
 
+# ---------------------------------------------------------------------------------------------- errors
+class TrainingStepError(RuntimeError):
+    """A training step or an evaluation failed on some structures: the message names the step and the dataset
+    frames (indices into the pairs, and their file) of the structures at fault, then the original error.
+
+    Attributes:
+        step: the optimizer step being computed (1-based; 0 for the evaluation before training).
+        frames: the dataset frames of the batch that failed (all of them; the message marks the ones at fault).
+    """
+
+    def __init__(self, message: str, step: int, frames: Sequence[int]):
+        super().__init__(message)
+        self.step = step
+        self.frames = list(frames)
+
+
+_STRUCTURE = re.compile(r"\bstructure (\d+)\b")
+
+# Failures that name batch structures and that a training step turns into a TrainingStepError.
+_STEP_FAILURES = (NonFiniteError, InvalidGradientError, ValueError)
+
+
+def _step_failure(error: Exception, what: str, step: int, frames: Sequence[int], pairs: RelaxationPairs):
+    """The error of a relaxation of the batch ``frames``, with each "structure s" named as its dataset frame.
+    ``what``: "training step 3", "evaluation at step 0", ..."""
+    frames = [int(k) for k in frames]
+
+    def frame(match: re.Match) -> str:
+        s = int(match.group(1))
+        return f"dataset frame {frames[s]} (batch structure {s})" if s < len(frames) else match.group(0)
+
+    source = f" of {pairs.source}" if pairs.source else ""
+    message = f"{what}, batch of dataset frames{source} {frames}: {type(error).__name__}: " + _STRUCTURE.sub(
+        frame, str(error)
+    )
+    return TrainingStepError(message, step, frames)
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 _EVAL_FIELDS = ("n", "delta_q", "correct", "fmax", "converged", "relax_steps")
 
@@ -259,12 +309,15 @@ def evaluate_relaxation(
     basin_threshold: float = 0.1,
     batch_size: int = 16,
     context: DistributedContext | None = None,
+    step: int = 0,
 ) -> dict[str, float]:
     """Relax every start with FIRE (graph-free) under ``model``; compare with the references.
 
     The protocol is the same for every training mode (FIRE with ASE's defaults to ``fmax`` eV/Å, at most
     ``max_steps`` steps), so models trained in different modes are compared on equal terms. With a
-    distributed ``context`` the pairs are shared out over the ranks and the sums all-reduced.
+    distributed ``context`` the pairs are shared out over the ranks and the sums all-reduced. ``step`` (the
+    training step the model is at) only labels errors: a failed relaxation raises :class:`TrainingStepError`
+    naming the step and the dataset frames.
 
     Returns:
         ``n`` structures, ``delta_q`` mean ΔQ (Å·amu^½), ``basin_rate`` share in the correct basin,
@@ -279,7 +332,10 @@ def evaluate_relaxation(
     totals = torch.zeros(len(_EVAL_FIELDS), dtype=torch.float64)
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
-        totals += _relax_and_measure(model, pairs, chunk, dtype, device, fmax, max_steps, basin_threshold)
+        try:
+            totals += _relax_and_measure(model, pairs, chunk, dtype, device, fmax, max_steps, basin_threshold)
+        except _STEP_FAILURES as error:
+            raise _step_failure(error, f"evaluation at step {step}", step, chunk, pairs) from error
     totals = all_reduce_sum(totals, context)
     n = max(float(totals[0]), 1.0)
     out = dict(zip(_EVAL_FIELDS, totals.tolist(), strict=True))
@@ -398,56 +454,6 @@ class _PeakMemory:
         except OSError:
             pass
         return math.nan
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def _checkpoint_dir(output_dir: str) -> str:
-    return os.path.join(output_dir, "checkpoints")
-
-
-def find_checkpoint(output_dir: str | os.PathLike | None) -> str | None:
-    """The latest checkpoint (highest step) in ``output_dir/checkpoints``, or None."""
-    if output_dir is None:
-        return None
-    found = []
-    for path in glob.glob(os.path.join(_checkpoint_dir(os.fspath(output_dir)), "step_*.pt")):
-        match = re.search(r"step_(\d+)\.pt$", path)
-        if match:
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
-
-
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a checkpoint written by :func:`fit_relaxation` (``torch.load(weights_only=True)``)."""
-    data = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a gdeq_ext relaxation-training checkpoint (format {CHECKPOINT_FORMAT!r})")
-    return data
-
-
-def _write_atomically(data: dict, path: str) -> None:
-    # A run killed while writing must not leave a truncated "latest" checkpoint behind.
-    temporary = f"{path}.tmp{os.getpid()}"
-    torch.save(data, temporary)
-    os.replace(temporary, path)
-
-
-# Keys that must not change when a run is resumed: they change what the remaining steps compute.
-_RESUME_LOCKED = ("relax", "optim", "train.batch_size", "train.seed", "train.basin_threshold")
-
-
-def _check_resume_config(saved: dict, current: dict, path: str) -> None:
-    for locked in _RESUME_LOCKED:
-        section, _, key = locked.partition(".")
-        keys = [key] if key else sorted(set(saved.get(section, {})) | set(current.get(section, {})))
-        for name in keys:
-            old = saved.get(section, {}).get(name)
-            new = current.get(section, {}).get(name)
-            if old != new:
-                raise ConfigError(
-                    f"cannot resume from {path}: {section}.{name} was {old!r} and is now {new!r}; restore it, "
-                    f"or start a new run (another output_dir, or train.resume = 'never' in a fresh directory)"
-                )
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -700,34 +706,40 @@ def fit_relaxation(
     )
 
     # Rank 0 decides and reads; the other ranks get its checkpoint over the process group, so nodes without a
-    # shared file system resume too.
-    checkpoint_path = find_checkpoint(output_dir) if context.is_main else None
+    # shared file system resume too. The newest checkpoint that loads is used (unreadable newer ones are named
+    # in a CheckpointWarning); a folder whose checkpoints all fail to load is an error, not a fresh start.
+    if context.is_main and output_dir is not None:
+        remove_stale_temporaries(output_dir)
+    loaded = None
+    if context.is_main and run.resume != "never":
+        try:
+            loaded = load_latest_checkpoint(output_dir, map_location="cpu")
+        except CheckpointError as error:
+            if not context.distributed:
+                raise
+            loaded = error  # every rank raises it below, none waits in a broadcast for rank 0
     if context.distributed:
-        shared = [checkpoint_path]
+        shared = [loaded]
         dist.broadcast_object_list(shared, src=0)
-        checkpoint_path = shared[0]
-    if run.resume == "always" and checkpoint_path is None:
+        loaded = shared[0]
+        if isinstance(loaded, CheckpointError):
+            raise CheckpointError(str(loaded))
+    if run.resume == "always" and loaded is None:
         raise FileNotFoundError(f"train.resume = 'always' but there is no checkpoint in {output_dir}/checkpoints")
-    if run.resume == "never" and checkpoint_path is not None:
+    existing = find_checkpoint(output_dir) if context.is_main else None
+    if run.resume == "never" and existing is not None:
         raise FileExistsError(
-            f"{output_dir} already holds checkpoints ({checkpoint_path}) and train.resume = 'never': choose "
+            f"{output_dir} already holds checkpoints ({existing}) and train.resume = 'never': choose "
             f"another output_dir or resume"
         )
+    fingerprint = train.fingerprint()
     history: list[dict] = []
     initial: dict = {}
     step, train_time, resumed_from = 0, 0.0, None
-    if checkpoint_path is not None and run.resume != "never":
-        saved = load_checkpoint(checkpoint_path, map_location="cpu") if context.is_main else None
-        if context.distributed:
-            shared = [saved]
-            dist.broadcast_object_list(shared, src=0)
-            saved = shared[0]
-        _check_resume_config(saved["config"], config.to_dict(), checkpoint_path)
-        if int(saved["n_train"]) != len(train):
-            raise ConfigError(
-                f"cannot resume from {checkpoint_path}: it was trained on {saved['n_train']} pairs, the training "
-                f"set now has {len(train)}"
-            )
+    checkpoint_path = None
+    if loaded is not None:
+        checkpoint_path, saved = loaded
+        check_resume(saved, config.to_dict(), model, len(train), fingerprint, checkpoint_path)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -757,6 +769,8 @@ def fit_relaxation(
     if files is not None:
         files.start(config, history, resumed=resumed_from is not None)
 
+    signature = model_signature(model)
+
     def save_checkpoint(at_step, order_state, rng_state):
         if files is None:
             return None
@@ -775,6 +789,8 @@ def fit_relaxation(
                 "config": config.to_dict(),
                 "world_size": context.world_size,
                 "n_train": len(train),
+                "data_fingerprint": fingerprint,
+                "model_signature": signature,
             },
             at_step,
             run.keep_checkpoints,
@@ -805,18 +821,18 @@ def fit_relaxation(
                 batch, reference = train.batch(local, dtype=dtype, device=device)
                 try:
                     result = relax(batch)
-                except NonFiniteError as error:
-                    raise NonFiniteError(
-                        f"training step {step + 1}: {error} (batch structures are dataset frames {local})"
-                    ) from error
-                dq = delta_q(result.positions, reference, batch)
-                # The sum over this rank's structures over the *global* batch size: summed over ranks, the
-                # gradient is the one of the mean over the global batch (distributed.py).
-                (dq.sum() / len(global_indices)).backward()
+                    dq = delta_q(result.positions, reference, batch)
+                    # The sum over this rank's structures over the *global* batch size: summed over ranks, the
+                    # gradient is the one of the mean over the global batch (distributed.py).
+                    (dq.sum() / len(global_indices)).backward()
+                except _STEP_FAILURES as error:
+                    raise _step_failure(error, f"training step {step + 1}", step + 1, local, train) from error
                 iterations = result.iterations
                 trust = _trust_counts(result)
                 if result.fixed_point_error is not None:
-                    fixed_point_error = float(torch.nan_to_num(result.fixed_point_error, nan=0.0).max())
+                    fixed_point_error = float(
+                        torch.nan_to_num(result.fixed_point_error, nan=0.0, posinf=math.inf).max()
+                    )
                 sums += torch.stack(
                     [
                         torch.tensor(float(len(local)), dtype=torch.float64),
@@ -873,7 +889,7 @@ def fit_relaxation(
             )
             if validation is not None and ((run.eval_every and step % run.eval_every == 0) or step == run.steps):
                 model.eval()
-                last_validation = (step, evaluate_relaxation(model, validation, **evaluate))
+                last_validation = (step, evaluate_relaxation(model, validation, step=step, **evaluate))
                 row.update(
                     {k: v for k, v in _row(step, order.epoch, lr, last_validation[1]).items() if k.startswith("val_")}
                 )
@@ -902,9 +918,11 @@ def fit_relaxation(
     if not interrupted:
         if validation is not None:
             reuse = last_validation is not None and last_validation[0] == step
-            final["val"] = last_validation[1] if reuse else evaluate_relaxation(model, validation, **evaluate)
+            final["val"] = (
+                last_validation[1] if reuse else evaluate_relaxation(model, validation, step=step, **evaluate)
+            )
         if run.eval_train:
-            final["train"] = evaluate_relaxation(model, train, **evaluate)
+            final["train"] = evaluate_relaxation(model, train, step=step, **evaluate)
     steps_with_memory = [r["peak_memory_mib"] for r in history if r.get("peak_memory_mib") is not None]
     steps_with_memory = [m for m in steps_with_memory if not math.isnan(m)]
     result = RelaxationFitResult(
@@ -974,7 +992,7 @@ class _Outputs:
         self.main = context.is_main
         self.csv = os.path.join(output_dir, "metrics.csv")
         if self.main:
-            os.makedirs(_checkpoint_dir(output_dir), exist_ok=True)
+            os.makedirs(checkpoint_dir(output_dir), exist_ok=True)
 
     def start(self, config: Config, history: list[dict], resumed: bool) -> None:
         if not self.main:
@@ -994,11 +1012,11 @@ class _Outputs:
     def checkpoint(self, data: dict, step: int, keep: int) -> str | None:
         if not self.main:
             return None
-        folder = _checkpoint_dir(self.dir)
+        folder = checkpoint_dir(self.dir)
         path = os.path.join(folder, f"step_{step:08d}.pt")
-        _write_atomically(data, path)
-        existing = sorted(glob.glob(os.path.join(folder, "step_*.pt")))
-        for old in existing[: max(0, len(existing) - keep)]:
+        write_atomically(data, path)
+        # The newest `keep` by step number (unreadable ones were renamed out of the rotation when skipped).
+        for _, old in list_checkpoints(self.dir)[max(1, keep) :]:
             os.remove(old)
         return path
 
