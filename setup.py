@@ -93,7 +93,7 @@ def sources(with_cuda: bool) -> list[str]:
 
 
 def write_build_config(config: dict) -> None:
-    path = os.path.join(ROOT, "gdeq_ext", "_build_config.py")
+    path = os.path.join(ROOT, "src", "gdeq_ext", "_build_config.py")
     with open(path, "w") as handle:
         handle.write("# Written by setup.py at build time; describes the compiled extension gdeq_ext._C.\n")
         handle.write(f"BUILD_CONFIG = {config!r}\n")

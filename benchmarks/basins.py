@@ -15,7 +15,7 @@ Same base, same budget (optimizer steps × batch size), same learning-rate searc
 Evaluation (per seed, on the held-out test starts): the fine-tuned model relaxes each start with FIRE (fmax 0.01);
 the end state is quenched by the SW teacher under the data set's protocol and is **correct** when it lies within
 0.1 Å per atom of the teacher's end state from the same start (permutation-invariant, minimum image, net translation
-removed: :func:`gdeq_ext.data.basins.judge_basins`). ΔQ is the mean over test starts of delta_q(student end,
+removed: :func:`gdeq_ext.datasets.basins.judge_basins`). ΔQ is the mean over test starts of delta_q(student end,
 teacher end) in Å·amu^½. Peak memory: one training step (batch as in training) in a fresh subprocess (CPU: VmHWM
 above the pre-step resident size, after a warm-up on one 8-atom cell) or ``torch.cuda.max_memory_allocated``
 (GPU). Wall time: the fine-tuning loop.
@@ -44,9 +44,10 @@ from common import RESULTS, fit_and_save, machine, machine_label, markdown_table
 
 import gdeq_ext  # noqa: E402
 from gdeq_ext import Batch, BPTTRelax, HybridRelax, ImplicitRelax, delta_q  # noqa: E402
-from gdeq_ext.data.basins import judge_basins  # noqa: E402
-from gdeq_ext.data.silicon_defects import silicon_defects  # noqa: E402
-from gdeq_ext.diagnose import diagnose, relax_starts  # noqa: E402
+from gdeq_ext.datasets.basins import judge_basins  # noqa: E402
+from gdeq_ext.datasets.relaxations import relax_starts  # noqa: E402
+from gdeq_ext.datasets.silicon_defects import silicon_defects  # noqa: E402
+from gdeq_ext.diagnose import diagnose  # noqa: E402
 from gdeq_ext.potentials import MLIP, StillingerWeber  # noqa: E402
 from gdeq_ext.relax import PolishOptions  # noqa: E402
 
@@ -169,8 +170,7 @@ def evaluate(model, starts, args, teacher=None, ends=None) -> dict:
 
 # ----------------------------------------------------------------------------------------------- memory
 def memory_worker(spec: dict) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+    from gdeq_ext.profiling import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
     args = argparse.Namespace(**spec["args"])
     method = Method(**spec["method"])
@@ -218,7 +218,8 @@ def measure_memory(method: Method, base_path: str, data_kwargs: dict, args) -> d
 # ----------------------------------------------------------------------------------------------- base
 def base_model(args) -> str:
     """The base MLIP: force matching on bulk diamond cells only (rattled up to 0.3 Å, ±4 % strain, Langevin MD at
-    600-2500 K), labelled by SW. No defect is in the data, so the defect basins are not pinned down (METHOD.md §3)."""
+    600-2500 K), labelled by SW. No defect is in the data, so the defect basins are not pinned down
+    (docs/science.md)."""
     if args.model:
         return args.model
     size = "quick" if args.quick else "full"

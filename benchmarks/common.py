@@ -74,7 +74,7 @@ def fit_and_save(model, data, path: Path, **fit_options) -> Path:
 def warm_up_cell():
     """One rattled 8-atom diamond Si cell (ase.Atoms): the workers' warm-up before a CPU memory measurement pages in
     code and libraries without leaving a freed heap the size of the measured step behind."""
-    from gdeq_ext.train.data import diamond_silicon
+    from gdeq_ext.data.structures import diamond_silicon
 
     atoms = diamond_silicon((1, 1, 1))
     atoms.rattle(0.05, seed=0)

@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ from common import (  # noqa: E402
 import gdeq_ext  # noqa: E402
 from gdeq_ext import Batch, BPTTRelax, HybridRelax, ImplicitRelax, delta_q  # noqa: E402
 from gdeq_ext.potentials import MLIP, StillingerWeber, recomputed_forces  # noqa: E402
+from gdeq_ext.profiling import current_rss_bytes, peak_rss_bytes, reset_peak_rss  # noqa: E402
 from gdeq_ext.relax import PolishOptions  # noqa: E402
 
 CACHE = RESULTS / "cache"
@@ -82,7 +82,7 @@ def silicon_defect_cells(n_structures: int, repeat: int, seed: int = 0) -> list:
     """Vacancy and tetrahedral-interstitial cells of diamond Si (SW lattice constant), rattled 0.1 Å."""
     from ase import Atoms
 
-    from gdeq_ext.train.data import diamond_silicon
+    from gdeq_ext.data.structures import diamond_silicon
 
     cells = []
     rng = np.random.default_rng(seed)
@@ -129,7 +129,7 @@ def prepare_setup(args, repeat: int) -> Path:
 def load_model(path: str, backend: str, dtype: torch.dtype, device: str):
     model = MLIP.load(path).to(dtype=dtype, device=device)
     if backend == "fused":
-        if not hasattr(model, "backend") or not gdeq_ext._extension.has_kernel("edge_moments", torch.device(device)):
+        if not hasattr(model, "backend") or not gdeq_ext._extension.compiled_op("edge_moments", device):
             return None
         model.backend = "fused"
     elif hasattr(model, "backend"):
@@ -187,26 +187,6 @@ def training_step(config: Config, model, batch: Batch, targets: torch.Tensor):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's resident-set high-water mark (VmHWM) to the current size (Linux >= 4.0), so the
-    peak measured afterwards belongs to the training step, not to imports or setup."""
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def warm_up_config(config: Config) -> Config:

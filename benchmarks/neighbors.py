@@ -28,7 +28,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ from common import RESULTS, machine, machine_label, markdown_table, write_json  
 import gdeq_ext  # noqa: E402
 from gdeq_ext.neighbors import VerletList  # noqa: E402
 from gdeq_ext.neighbors.neighbor_list import OP_AVAILABLE  # noqa: E402
+from gdeq_ext.profiling import count_syncs  # noqa: E402
 
 CUTOFF = 5.0
 REPEATS = {True: (2, 3, 4, 6, 8), False: (2, 3, 4, 6, 8, 12, 16)}  # n for n³ 8-atom cells
@@ -129,19 +129,6 @@ def median_ms(fns: dict, min_time: float, sync=lambda: None) -> dict:
             sync()
             samples[name].append((time.perf_counter() - start) / inner[name])
     return {name: 1e3 * statistics.median(values) for name, values in samples.items()}
-
-
-def count_syncs(fn) -> int:
-    """Host synchronizations torch reports during fn() (set_sync_debug_mode('warn'))."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def check_against(name, ours, theirs, structures):

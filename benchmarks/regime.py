@@ -39,7 +39,7 @@ from basins import Method, evaluate, fine_tune  # noqa: E402
 from common import RESULTS, fit_and_save, machine, machine_label, markdown_table, write_json  # noqa: E402
 
 from gdeq_ext import diagnose, silicon_defects  # noqa: E402
-from gdeq_ext.diagnose import ase_relax  # noqa: E402
+from gdeq_ext.datasets.relaxations import ase_relax  # noqa: E402
 from gdeq_ext.potentials import MLIP, StillingerWeber  # noqa: E402
 
 CACHE = RESULTS / "cache"

@@ -21,8 +21,9 @@ import torch
 
 from gdeq_ext import Batch, StillingerWeber
 from gdeq_ext.data import RelaxationPair, write_relaxation_pairs
+from gdeq_ext.data.structures import SW_LATTICE_CONSTANT, diamond_silicon
 from gdeq_ext.relax import fire
-from gdeq_ext.train.data import SW_LATTICE_CONSTANT, diamond_silicon, seed_for
+from gdeq_ext.seeds import seed_for
 
 A = SW_LATTICE_CONSTANT
 RATTLE = 0.05  # Å, Gaussian per component: small enough not to create extra bond-switch defects

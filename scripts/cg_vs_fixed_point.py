@@ -28,7 +28,7 @@ from gdeq_ext.potentials.base import energy_forces
 from gdeq_ext.potentials.stillinger_weber import StillingerWeber
 from gdeq_ext.relax import fire
 
-A0 = 5.430950  # Å, SW's diamond lattice constant (METHOD.md §3)
+A0 = 5.430950  # Å, SW's diamond lattice constant (docs/science.md)
 BASIS = np.array([[0, 0, 0], [0, 2, 2], [2, 0, 2], [2, 2, 0], [1, 1, 1], [1, 3, 3], [3, 1, 3], [3, 3, 1]]) / 4
 
 

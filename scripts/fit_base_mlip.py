@@ -3,7 +3,7 @@
     python scripts/fit_base_mlip.py [--output base_mlip.pt] [--n-rattled 120] [--n-thermal 60] ...
 
 Training data: rattled + thermally perturbed (Langevin MD) 64-atom cells only (no defects, on purpose:
-METHOD.md §3). Validation: a separately generated set of the same kinds (other seeds). Training runs in
+docs/science.md). Validation: a separately generated set of the same kinds (other seeds). Training runs in
 float32 (about twice as fast on a CPU); the saved model and the reported MAE are float64. Writes the model
 (``--output``) and, beside it, a JSON report with the per-epoch history.
 """

@@ -370,7 +370,7 @@ import sys
 sys.path.insert(0, "benchmarks")
 import torch
 import memory  # benchmarks/memory.py
-from gdeq_ext.data.silicon_defects import silicon_defects
+from gdeq_ext.datasets.silicon_defects import silicon_defects
 
 memory.base_model(memory.CACHE / "base_mlip_float32.pt", torch.float32, True)
 a = dict(zip(sys.argv[1::2], sys.argv[2::2]))

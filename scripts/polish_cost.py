@@ -2,7 +2,7 @@
 
 The potential is SW plus a small learnable MLIP correction, float64.
 
-For each case of ``gdeq_ext.data.silicon_defects`` (two starts each, one batch), ImplicitRelax at the default fmax
+For each case of ``gdeq_ext.datasets.silicon_defects`` (two starts each, one batch), ImplicitRelax at the default fmax
 0.01 eV/Å with and without the polish; prints FIRE steps, the polish's force evaluations and Hessian-vector products
 per batch, the backward's products, the estimated fixed-point error before/after, the validity flags and wall times.
 Run: ``python scripts/polish_cost.py`` (about a minute on 2 cores). Prints a markdown table; writes nothing.
@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from gdeq_ext import MLIP, Batch, StillingerWeber
-from gdeq_ext.data.silicon_defects import CASES, make_start
+from gdeq_ext.datasets.silicon_defects import CASES, make_start
 from gdeq_ext.hardware import describe
 from gdeq_ext.loss import delta_q
 from gdeq_ext.potentials.base import Potential

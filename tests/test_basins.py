@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gdeq_ext.data.basins import label_basins, minimum_image_vectors, same_basin, structure_distance
-from gdeq_ext.train.data import diamond_silicon
+from gdeq_ext.data.structures import diamond_silicon
+from gdeq_ext.datasets.basins import label_basins, minimum_image_vectors, same_basin, structure_distance
 
 
 def test_permuted_translated_copy_is_the_same_structure():
@@ -23,9 +23,9 @@ def test_permuted_translated_copy_is_the_same_structure():
 
 
 def test_distinct_vacancy_basins_are_far_apart_and_identity_swap_is_ignored():
-    from gdeq_ext.data.silicon_defects import make_start, teacher_relax
+    from gdeq_ext.datasets.silicon_defects import make_start, teacher_relax
 
-    # inward breathing 0.20 Å relaxes to the open vacancy, 0.35 Å to the reconstructed one (METHOD.md §3)
+    # inward breathing 0.20 Å relaxes to the open vacancy, 0.35 Å to the reconstructed one (docs/science.md)
     starts = []
     for inward in (0.20, 0.35):
         atoms = diamond_silicon((2, 2, 2))

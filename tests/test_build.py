@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import gdeq_ext
+from gdeq_ext._extension import compiled_op
 
 PACKAGE = Path(gdeq_ext.__file__).parent
 
@@ -31,10 +32,10 @@ def test_ci_build_is_compiled_with_the_requested_kernels():
     """CI sets GDEQ_EXT_REQUIRE_COMPILED=1: the tests must run against the compiled kernels, never the fallback."""
     info = gdeq_ext.build_info()
     assert info["compiled"], info.get("reason")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("gdeq_ext::edge_vectors", "CPU")
+    assert compiled_op("edge_vectors", "cpu")
     if os.environ.get("GDEQ_EXT_WITH_CUDA") == "1":
         assert info["with_cuda"]
-        assert torch._C._dispatch_has_kernel_for_dispatch_key("gdeq_ext::edge_vectors", "CUDA")
+        assert compiled_op("edge_vectors", "cuda")
 
 
 def copy_python_sources(destination: Path) -> Path:
@@ -44,9 +45,17 @@ def copy_python_sources(destination: Path) -> Path:
     return target
 
 
+SITE_PACKAGES = str(Path(torch.__file__).parents[1])
+
+
 def run_python(code: str, path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(path)}
-    return subprocess.run([sys.executable, "-c", code], cwd=path, env=env, capture_output=True, text=True, timeout=300)
+    """Run ``code`` with ``path`` first on sys.path. ``-S`` skips site.py, so no .pth file runs: an editable install's
+    import hook (which would import the checkout whatever the path says) stays out; torch & co. come from
+    PYTHONPATH instead."""
+    env = {**os.environ, "PYTHONPATH": f"{path}{os.pathsep}{SITE_PACKAGES}"}
+    return subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=path, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_missing_extension_falls_back_with_one_warning(tmp_path):
@@ -84,3 +93,37 @@ def test_torch_version_mismatch_names_both_versions(tmp_path):
     assert "ExtensionVersionError" in result.stderr
     assert "1.0.0+fake" in result.stderr and torch.__version__ in result.stderr
     assert "pip install --no-build-isolation" in result.stderr
+
+
+def test_source_checkout_without_a_build_says_so(tmp_path):
+    """src/ of a checkout put on the path, never built in place: the one warning names the checkout and the fix."""
+    checkout = tmp_path / "checkout"
+    (checkout / "src").mkdir(parents=True)
+    (checkout / "setup.py").write_text("# a gdeq_ext checkout\n")
+    copy_python_sources(checkout / "src")
+    code = """
+import warnings, torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import gdeq_ext
+    assert not gdeq_ext.HAVE_EXTENSION
+    x, cell = torch.zeros(2, 3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)[None] * 5
+    edges, shifts, system = torch.tensor([[0], [1]]), torch.zeros(1, 3, dtype=torch.long), torch.zeros(2).long()
+    gdeq_ext.edge_vectors(x, cell, edges, shifts, system)
+print([str(w.message) for w in caught if "gdeq_ext" in str(w.message)][0])
+"""
+    result = run_python(code, checkout / "src")
+    assert result.returncode == 0, result.stderr
+    assert f"imported from the source checkout {checkout}/src" in result.stdout, result.stdout
+    assert "pip install --no-build-isolation" in result.stdout
+
+
+@pytest.mark.skipif(os.environ.get("GDEQ_EXT_REQUIRE_COMPILED") != "1", reason="GDEQ_EXT_REQUIRE_COMPILED not set")
+def test_commands_run_from_the_repository_root_use_the_compiled_kernels():
+    """#14: with the src layout, `python ...` run from the checkout's root imports the installed, compiled package
+    (it used to import the uncompiled source tree and fall back to the reference silently)."""
+    root = Path(__file__).resolve().parents[1]
+    code = "import gdeq_ext, json; print(json.dumps(gdeq_ext.build_info()))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert '"compiled": true' in result.stdout, result.stdout

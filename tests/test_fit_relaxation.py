@@ -233,6 +233,7 @@ class Crash(RuntimeError):
     pass
 
 
+@pytest.mark.slow
 def test_crash_mid_run_resumes_bit_for_bit(tmp_path, pairs, base_path):
     settings = dict(SETTINGS, steps=5, checkpoint_every=2, schedule="cosine", warmup_steps=1)
     reference = MLIP.load(base_path)

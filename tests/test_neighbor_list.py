@@ -110,6 +110,7 @@ def assert_same(got, want):
 
 # ---------------------------------------------------------------------------------------- property tests
 @requires_kernel
+@pytest.mark.slow
 @settings(PROPERTY, max_examples=700)
 @given(case=batches(), full=st.booleans())
 def test_matches_reference_float64(case, full):

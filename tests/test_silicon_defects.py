@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gdeq_ext.data import silicon_defects
-from gdeq_ext.data.silicon_defects import CASES, KNOWN_MINIMA, make_start
+from gdeq_ext.datasets import silicon_defects
+from gdeq_ext.datasets.silicon_defects import CASES, KNOWN_MINIMA, make_start
 
 TINY = dict(n_train=3, n_val=1, n_test=4, sizes=(64,), cases=("vacancy_breathing", "vacancy_kick"))
 
@@ -50,7 +50,7 @@ def test_generator_is_deterministic_and_cached(tmp_path, single_thread):
 
 def test_vacancy_breathing_basin_depends_on_the_start(single_thread):
     data = silicon_defects(n_train=0, n_val=0, n_test=10, sizes=(64,), cases=("vacancy_breathing",), cache=None)
-    for atoms in data.test:  # METHOD.md §3: inward ≤ 0.26 Å -> open, ≥ 0.27 Å -> reconstructed
+    for atoms in data.test:  # docs/science.md: inward ≤ 0.26 Å -> open, ≥ 0.27 Å -> reconstructed
         if atoms.info["breathing"] < 0.25:
             assert atoms.info["basin"] == "open"
         elif atoms.info["breathing"] > 0.28:

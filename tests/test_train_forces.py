@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from gdeq_ext.data import Batch
+from gdeq_ext.data.structures import SW_LATTICE_CONSTANT
 from gdeq_ext.potentials import MLIP, StillingerWeber
+from gdeq_ext.seeds import seed_for
 from gdeq_ext.train import FitResult, evaluate, fit_forces, label, rattled_silicon, thermal_silicon
-from gdeq_ext.train.data import SW_LATTICE_CONSTANT, seed_for
 from gdeq_ext.train.forces import collate, prepare
 
 

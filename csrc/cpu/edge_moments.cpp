@@ -10,6 +10,8 @@
 //   gradients, one (K, C) block per chunk of atoms, summed in chunk order at the end.
 // Neighbor lists are sorted by receiver, so the receiver CSR is usually just offsets (sortedness is checked, an
 // O(E) integer pass); otherwise, and for the sender CSR, a stable counting sort builds an (E,) permutation.
+#include "gdeq_ext/edge_moments.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
@@ -19,8 +21,6 @@
 #include <algorithm>
 #include <tuple>
 #include <vector>
-
-#include "gdeq_ext/edge_moments.h"
 
 namespace gdeq_ext {
 namespace {
@@ -96,8 +96,7 @@ void radial_arrays(const EdgeGeometry<T>& g, double cutoff, int64_t K, T* phi, T
 
 // out[c] = Σ_k coefficients[k] W[k, c] (k outer so that the c loop is contiguous and vectorizes).
 template <typename T>
-void contract(const T* __restrict__ coefficients, const T* __restrict__ W, int64_t K, int64_t C,
-              T* __restrict__ out) {
+void contract(const T* __restrict__ coefficients, const T* __restrict__ W, int64_t K, int64_t C, T* __restrict__ out) {
   std::fill(out, out + C, T(0));
   for (int64_t k = 0; k < K; ++k) {
     const T a = coefficients[k];
@@ -313,7 +312,7 @@ void double_backward_senders(const Problem& p, const EdgeGroups& send, const T* 
         channel_dots(Gti, p.C, DY, tc.data());
         for (int64_t c = 0; c < p.C; ++c) {
           duj[c] += (R1[c] * rho + Q[c]) * sc[c] + R[c] * tc[c];
-          qs[c] = rho * uj[c] * sc[c];            // multiplies φ'_k in dW
+          qs[c] = rho * uj[c] * sc[c];             // multiplies φ'_k in dW
           qt[c] = auj[c] * sc[c] + uj[c] * tc[c];  // multiplies φ_k in dW
         }
         if (compute_vectors) {
@@ -378,9 +377,8 @@ at::Tensor edge_moments_cpu(const at::Tensor& vectors, const at::Tensor& edge_in
 std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_moments_backward_cpu(const at::Tensor& grad_moments,
                                                                          const at::Tensor& vectors,
                                                                          const at::Tensor& edge_index,
-                                                                         const at::Tensor& u,
-                                                                         const at::Tensor& weights, double cutoff,
-                                                                         bool compute_vectors) {
+                                                                         const at::Tensor& u, const at::Tensor& weights,
+                                                                         double cutoff, bool compute_vectors) {
   check_edge_moments_backward_args(grad_moments, vectors, edge_index, u, weights, cutoff);
   const auto Gt = grad_moments.transpose(1, 2).contiguous();  // (N, 10, C)
   const auto vec = vectors.contiguous();
@@ -402,9 +400,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_moments_backward_cpu(const a
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edge_moments_double_backward_cpu(
-    const at::Tensor& gg_vectors, const at::Tensor& gg_u, const at::Tensor& gg_weights,
-    const at::Tensor& grad_moments, const at::Tensor& vectors, const at::Tensor& edge_index, const at::Tensor& u,
-    const at::Tensor& weights, double cutoff, bool compute_vectors) {
+    const at::Tensor& gg_vectors, const at::Tensor& gg_u, const at::Tensor& gg_weights, const at::Tensor& grad_moments,
+    const at::Tensor& vectors, const at::Tensor& edge_index, const at::Tensor& u, const at::Tensor& weights,
+    double cutoff, bool compute_vectors) {
   check_edge_moments_double_backward_args(gg_vectors, gg_u, gg_weights, grad_moments, vectors, edge_index, u, weights,
                                           cutoff);
   const auto av = gg_vectors.contiguous();

@@ -1,4 +1,6 @@
 // CPU kernels of the edge-vector gather and its adjoint scatter.
+#include "gdeq_ext/edge_vectors.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -8,8 +10,6 @@
 #include <cmath>
 #include <tuple>
 
-#include "gdeq_ext/edge_vectors.h"
-
 namespace gdeq_ext {
 namespace {
 
@@ -17,16 +17,16 @@ constexpr int64_t kEdgeGrain = 4096;
 
 template <typename scalar_t>
 void gather_edges(const scalar_t* pos, const scalar_t* cell, const int64_t* edge_i, const int64_t* edge_j,
-                  const int64_t* shifts, const int64_t* system, scalar_t* vectors, scalar_t* distances,
-                  int64_t n_edges, int64_t n_atoms, int64_t n_systems) {
+                  const int64_t* shifts, const int64_t* system, scalar_t* vectors, scalar_t* distances, int64_t n_edges,
+                  int64_t n_atoms, int64_t n_systems) {
   at::parallel_for(0, n_edges, kEdgeGrain, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e) {
       const int64_t i = edge_i[e], j = edge_j[e];
       TORCH_CHECK(i >= 0 && i < n_atoms && j >= 0 && j < n_atoms, "gdeq_ext: edge ", e, " = (", i, ", ", j,
                   ") refers to an atom outside [0, ", n_atoms, ")");
       const int64_t s = system[i];
-      TORCH_CHECK(s >= 0 && s < n_systems, "gdeq_ext: atom ", i, " has system index ", s, " outside [0, ",
-                  n_systems, ")");
+      TORCH_CHECK(s >= 0 && s < n_systems, "gdeq_ext: atom ", i, " has system index ", s, " outside [0, ", n_systems,
+                  ")");
       const scalar_t* c = cell + 9 * s;
       const int64_t* S = shifts + 3 * e;
       scalar_t norm2 = 0;
@@ -52,8 +52,8 @@ void scatter_edges(const scalar_t* grad, const int64_t* edge_i, const int64_t* e
     TORCH_CHECK(i >= 0 && i < n_atoms && j >= 0 && j < n_atoms, "gdeq_ext: edge ", e, " = (", i, ", ", j,
                 ") refers to an atom outside [0, ", n_atoms, ")");
     const int64_t s = system[i];
-    TORCH_CHECK(s >= 0 && s < n_systems, "gdeq_ext: atom ", i, " has system index ", s, " outside [0, ",
-                n_systems, ")");
+    TORCH_CHECK(s >= 0 && s < n_systems, "gdeq_ext: atom ", i, " has system index ", s, " outside [0, ", n_systems,
+                ")");
     const scalar_t* g = grad + 3 * e;
     const int64_t* S = shifts + 3 * e;
     for (int d = 0; d < 3; ++d) {

@@ -4,6 +4,8 @@
 //   2. per atom (contiguous chunks of atoms in parallel): neighbor keys into the chunk's own buffer, each
 //      atom's keys sorted by (j, image);
 //   3. a prefix sum over per-atom counts, then every chunk decodes its keys into the output in parallel.
+#include "gdeq_ext/neighbor_list.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -14,8 +16,6 @@
 #include <tuple>
 #include <vector>
 
-#include "gdeq_ext/neighbor_list.h"
-
 namespace gdeq_ext {
 namespace {
 
@@ -23,20 +23,20 @@ constexpr int64_t kAtomsPerChunk = 512;
 
 // Everything phase 1 produces, indexed by global atom or by structure.
 struct Workspace {
-  std::vector<nl::Grid> grids;          // per structure
-  std::vector<int64_t> detail;          // per structure: the atom or axis an error refers to
-  std::vector<int64_t> system;          // per atom
-  std::vector<double> fw;               // 3 per atom: wrapped fractional coordinates
-  std::vector<int64_t> offset;          // 3 per atom: o, with f = o + fw
-  std::vector<double> sorted_w;         // 3 per atom: wrapped Cartesian positions, in bin order
-  std::vector<int64_t> sorted_local;    // per atom: local index of the atom at each bin-ordered slot
-  std::vector<int64_t> bin_start;       // per structure n_bins + 1 entries at grids[s].bin_base
+  std::vector<nl::Grid> grids;        // per structure
+  std::vector<int64_t> detail;        // per structure: the atom or axis an error refers to
+  std::vector<int64_t> system;        // per atom
+  std::vector<double> fw;             // 3 per atom: wrapped fractional coordinates
+  std::vector<int64_t> offset;        // 3 per atom: o, with f = o + fw
+  std::vector<double> sorted_w;       // 3 per atom: wrapped Cartesian positions, in bin order
+  std::vector<int64_t> sorted_local;  // per atom: local index of the atom at each bin-ordered slot
+  std::vector<int64_t> bin_start;     // per structure n_bins + 1 entries at grids[s].bin_base
 };
 
 // Phase 1 for structure s. Errors are recorded in the grid (and detail), never thrown from a worker.
 template <typename scalar_t>
-void bin_structure(int64_t s, const scalar_t* x, const scalar_t* cell, const bool* pbc, double cutoff,
-                   Workspace& ws, std::vector<int64_t>& scratch) {
+void bin_structure(int64_t s, const scalar_t* x, const scalar_t* cell, const bool* pbc, double cutoff, Workspace& ws,
+                   std::vector<int64_t>& scratch) {
   nl::Grid& g = ws.grids[s];
   g.n_bins = 0;
   int64_t detail = 0;
@@ -228,6 +228,8 @@ std::tuple<at::Tensor, at::Tensor> neighbor_list_cpu(const at::Tensor& positions
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gdeq_ext, CPU, m) { m.impl("neighbor_list", &neighbor_list_cpu); }
+TORCH_LIBRARY_IMPL(gdeq_ext, CPU, m) {
+  m.impl("neighbor_list", &neighbor_list_cpu);
+}
 
 }  // namespace gdeq_ext

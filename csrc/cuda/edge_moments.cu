@@ -45,9 +45,9 @@ constexpr int64_t kEdgesPerGroup = 16;  // about one atom's neighbourhood in sil
 constexpr int kBlocksPerSM = 8;
 
 struct Plan {
-  int lanes;             // L
-  int64_t per_group;     // edges per group
-  dim3 grid;             // (blocks, channel tiles)
+  int lanes;          // L
+  int64_t per_group;  // edges per group
+  dim3 grid;          // (blocks, channel tiles)
 };
 
 Plan make_plan(int64_t n_edges, int64_t channels) {
@@ -71,10 +71,10 @@ Plan make_plan(int64_t n_edges, int64_t channels) {
 
 // Where this thread sits: its group's edge range, its channel, and the shuffle mask of its group.
 struct Lane {
-  int lane;        // 0 .. L-1
-  int c;           // channel
-  bool has_c;      // c < C (lanes past C still take part in the group's shuffles)
-  unsigned mask;   // the group's lanes within the warp
+  int lane;       // 0 .. L-1
+  int c;          // channel
+  bool has_c;     // c < C (lanes past C still take part in the group's shuffles)
+  unsigned mask;  // the group's lanes within the warp
   int64_t begin, end;
 };
 
@@ -174,8 +174,8 @@ __global__ void forward_kernel(const T* __restrict__ vec, const int64_t* __restr
 template <typename T>
 __global__ void backward_kernel(const T* __restrict__ G, const T* __restrict__ vec, const int64_t* __restrict__ ei,
                                 const int64_t* __restrict__ ej, const T* __restrict__ u, const T* __restrict__ W,
-                                T* __restrict__ grad_vec, T* __restrict__ grad_u, T* __restrict__ partial_W,
-                                int64_t E, int64_t N, int C, int K, double cutoff, int lanes, int64_t per_group,
+                                T* __restrict__ grad_vec, T* __restrict__ grad_u, T* __restrict__ partial_W, int64_t E,
+                                int64_t N, int C, int K, double cutoff, int lanes, int64_t per_group,
                                 bool compute_vectors) {
   extern __shared__ unsigned char shared_raw[];
   T* acc_W = reinterpret_cast<T*>(shared_raw);  // [K][blockDim.x]
@@ -335,19 +335,16 @@ at::Tensor edge_moments_cuda(const at::Tensor& vectors, const at::Tensor& edge_i
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "edge_moments_cuda", [&] {
     const int64_t* ei = edges.data_ptr<int64_t>();
     forward_kernel<scalar_t><<<plan.grid, kThreads, 0, stream>>>(
-        vec.data_ptr<scalar_t>(), ei, ei + E, uu.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(),
-        A.data_ptr<scalar_t>(), E, N, static_cast<int>(C), static_cast<int>(K), cutoff, plan.lanes, plan.per_group);
+        vec.data_ptr<scalar_t>(), ei, ei + E, uu.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
+        E, N, static_cast<int>(C), static_cast<int>(K), cutoff, plan.lanes, plan.per_group);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return A;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_moments_backward_cuda(const at::Tensor& grad_moments,
-                                                                          const at::Tensor& vectors,
-                                                                          const at::Tensor& edge_index,
-                                                                          const at::Tensor& u,
-                                                                          const at::Tensor& weights, double cutoff,
-                                                                          bool compute_vectors) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_moments_backward_cuda(
+    const at::Tensor& grad_moments, const at::Tensor& vectors, const at::Tensor& edge_index, const at::Tensor& u,
+    const at::Tensor& weights, double cutoff, bool compute_vectors) {
   check_edge_moments_backward_args(grad_moments, vectors, edge_index, u, weights, cutoff);
   const c10::cuda::CUDAGuard device_guard(vectors.device());
   const auto G = grad_moments.contiguous();
@@ -366,19 +363,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_moments_backward_cuda(const 
     const int64_t* ei = edges.data_ptr<int64_t>();
     const size_t shared = weight_shared_bytes(K, sizeof(scalar_t));
     backward_kernel<scalar_t><<<plan.grid, kThreads, shared, stream>>>(
-        G.data_ptr<scalar_t>(), vec.data_ptr<scalar_t>(), ei, ei + E, uu.data_ptr<scalar_t>(),
-        W.data_ptr<scalar_t>(), grad_vec.data_ptr<scalar_t>(), grad_u.data_ptr<scalar_t>(),
-        partial.data_ptr<scalar_t>(), E, N, static_cast<int>(C), static_cast<int>(K), cutoff, plan.lanes,
-        plan.per_group, compute_vectors);
+        G.data_ptr<scalar_t>(), vec.data_ptr<scalar_t>(), ei, ei + E, uu.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(),
+        grad_vec.data_ptr<scalar_t>(), grad_u.data_ptr<scalar_t>(), partial.data_ptr<scalar_t>(), E, N,
+        static_cast<int>(C), static_cast<int>(K), cutoff, plan.lanes, plan.per_group, compute_vectors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_vec, grad_u, at::sum(partial, 0)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edge_moments_double_backward_cuda(
-    const at::Tensor& gg_vectors, const at::Tensor& gg_u, const at::Tensor& gg_weights,
-    const at::Tensor& grad_moments, const at::Tensor& vectors, const at::Tensor& edge_index, const at::Tensor& u,
-    const at::Tensor& weights, double cutoff, bool compute_vectors) {
+    const at::Tensor& gg_vectors, const at::Tensor& gg_u, const at::Tensor& gg_weights, const at::Tensor& grad_moments,
+    const at::Tensor& vectors, const at::Tensor& edge_index, const at::Tensor& u, const at::Tensor& weights,
+    double cutoff, bool compute_vectors) {
   check_edge_moments_double_backward_args(gg_vectors, gg_u, gg_weights, grad_moments, vectors, edge_index, u, weights,
                                           cutoff);
   const c10::cuda::CUDAGuard device_guard(vectors.device());
@@ -403,9 +399,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edge_moments_double_b
     const size_t shared = weight_shared_bytes(K, sizeof(scalar_t));
     double_backward_kernel<scalar_t><<<plan.grid, kThreads, shared, stream>>>(
         av.data_ptr<scalar_t>(), au.data_ptr<scalar_t>(), aW.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(),
-        vec.data_ptr<scalar_t>(), ei, ei + E, uu.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(),
-        dG.data_ptr<scalar_t>(), dvec.data_ptr<scalar_t>(), du.data_ptr<scalar_t>(), partial.data_ptr<scalar_t>(), E,
-        N, static_cast<int>(C), static_cast<int>(K), cutoff, plan.lanes, plan.per_group, compute_vectors);
+        vec.data_ptr<scalar_t>(), ei, ei + E, uu.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), dG.data_ptr<scalar_t>(),
+        dvec.data_ptr<scalar_t>(), du.data_ptr<scalar_t>(), partial.data_ptr<scalar_t>(), E, N, static_cast<int>(C),
+        static_cast<int>(K), cutoff, plan.lanes, plan.per_group, compute_vectors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dG, dvec, du, at::sum(partial, 0)};

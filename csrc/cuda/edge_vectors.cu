@@ -1,10 +1,10 @@
 // CUDA kernels of the edge-vector gather and its adjoint scatter.
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -94,7 +94,9 @@ __global__ void scatter_edges_kernel(const scalar_t* __restrict__ grad, const in
   }
 }
 
-int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
+int blocks_for(int64_t n) {
+  return static_cast<int>((n + kThreads - 1) / kThreads);
+}
 
 std::tuple<at::Tensor, at::Tensor> edge_vectors_cuda(const at::Tensor& positions, const at::Tensor& cell,
                                                      const at::Tensor& edge_index, const at::Tensor& shifts,

@@ -42,8 +42,8 @@ std::atomic<int64_t> g_capacity[kMaxDevices];
 
 // status[0] += pairs, status[1] = max(count), status[2] = max(~word): the lowest error word wins.
 __device__ void report_error(ull* status, int64_t structure, int code, int64_t detail) {
-  const ull word = (static_cast<ull>(structure) << 40) | (static_cast<ull>(code) << 32) |
-                   static_cast<ull>(detail & 0xffffffffLL);
+  const ull word =
+      (static_cast<ull>(structure) << 40) | (static_cast<ull>(code) << 32) | static_cast<ull>(detail & 0xffffffffLL);
   atomicMax(status + 2, ~word);
 }
 
@@ -200,11 +200,10 @@ __global__ void __launch_bounds__(kSetupThreads)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kSearchThreads)
     search_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ cell, const nl::Grid* __restrict__ grids,
-                  const int64_t* __restrict__ system, const double* __restrict__ fw,
-                  const int64_t* __restrict__ offset, const double* __restrict__ sorted_w,
-                  const int64_t* __restrict__ sorted_local, const int64_t* __restrict__ bin_start, int64_t n_atoms,
-                  scalar_t cutoff, bool full, int64_t capacity, uint64_t* __restrict__ keys,
-                  int64_t* __restrict__ counts, ull* __restrict__ status) {
+                  const int64_t* __restrict__ system, const double* __restrict__ fw, const int64_t* __restrict__ offset,
+                  const double* __restrict__ sorted_w, const int64_t* __restrict__ sorted_local,
+                  const int64_t* __restrict__ bin_start, int64_t n_atoms, scalar_t cutoff, bool full, int64_t capacity,
+                  uint64_t* __restrict__ keys, int64_t* __restrict__ counts, ull* __restrict__ status) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   int64_t count = 0;
   // status[2] != 0: an input error was found; nothing below would be meaningful (or in bounds).
@@ -244,8 +243,7 @@ __global__ void __launch_bounds__(kSearchThreads)
 __global__ void write_kernel(const uint64_t* __restrict__ keys, const int64_t* __restrict__ counts,
                              const int64_t* __restrict__ counts_inclusive, const nl::Grid* __restrict__ grids,
                              const int64_t* __restrict__ system, const int64_t* __restrict__ offset, int64_t n_atoms,
-                             int64_t* __restrict__ edge_i, int64_t* __restrict__ edge_j,
-                             int64_t* __restrict__ shifts) {
+                             int64_t* __restrict__ edge_i, int64_t* __restrict__ edge_j, int64_t* __restrict__ shifts) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n_atoms) return;
   const int64_t count = counts[i];
@@ -264,7 +262,9 @@ __global__ void write_kernel(const uint64_t* __restrict__ keys, const int64_t* _
   }
 }
 
-unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+unsigned blocks_for(int64_t n, int threads) {
+  return static_cast<unsigned>((n + threads - 1) / threads);
+}
 
 // First buffer: the last call's largest count plus slack, else a density estimate (0.1 atoms/Å^3, denser
 // than any element at ambient pressure, in a sphere of radius cutoff).
@@ -350,8 +350,7 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& positions, const at::Te
     write_kernel<<<blocks_for(n_atoms, kSearchThreads), kSearchThreads, 0, stream>>>(
         reinterpret_cast<const uint64_t*>(keys.data_ptr<int64_t>()), per_atom.data_ptr<int64_t>(),
         per_atom_inclusive.data_ptr<int64_t>(), grid_ptr, system.data_ptr<int64_t>(), offset.data_ptr<int64_t>(),
-        n_atoms, edge_index.data_ptr<int64_t>(), edge_index.data_ptr<int64_t>() + n_edges,
-        shifts.data_ptr<int64_t>());
+        n_atoms, edge_index.data_ptr<int64_t>(), edge_index.data_ptr<int64_t>() + n_edges, shifts.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {edge_index, shifts};
@@ -374,6 +373,8 @@ std::tuple<at::Tensor, at::Tensor> neighbor_list_cuda(const at::Tensor& position
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gdeq_ext, CUDA, m) { m.impl("neighbor_list", &neighbor_list_cuda); }
+TORCH_LIBRARY_IMPL(gdeq_ext, CUDA, m) {
+  m.impl("neighbor_list", &neighbor_list_cuda);
+}
 
 }  // namespace gdeq_ext

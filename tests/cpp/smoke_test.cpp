@@ -38,8 +38,8 @@ int main() {
   const auto [vectors, distances] = gather.call(positions, cell, edge_index, shifts, system);
 
   const at::Tensor i = edge_index[0], j = edge_index[1];
-  const at::Tensor image = at::bmm(shifts.to(at::kDouble).unsqueeze(1), cell.index_select(0, system.index_select(0, i)))
-                               .squeeze(1);
+  const at::Tensor image =
+      at::bmm(shifts.to(at::kDouble).unsqueeze(1), cell.index_select(0, system.index_select(0, i))).squeeze(1);
   const at::Tensor want = positions.index_select(0, j) - positions.index_select(0, i) + image;
   expect_close(vectors, want, "edge_vectors: vectors");
   expect_close(distances, want.norm(2, {1}), "edge_vectors: distances");

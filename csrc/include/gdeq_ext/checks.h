@@ -1,8 +1,8 @@
 // Input checks shared by every kernel: one message format, naming the argument and the offending value.
 #pragma once
 
-#include <torch/library.h>
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 namespace gdeq_ext {
 

@@ -64,11 +64,11 @@ GDEQ_HOST_DEVICE inline bool edge_geometry(const T* v, double cutoff, EdgeGeomet
 // and nothing per k needs to be stored, which keeps GPU threads in registers.
 template <typename T>
 struct RadialBasis {
-  T inv_r, omega;    // 1/r, π/rc
-  T f0, f1, f2;      // sqrt(2/rc)·f_c(r/rc) and its first and second r-derivatives
-  T s1, c1;          // sin θ, cos θ with θ = πr/rc
-  T sk, ck;          // sin kθ, cos kθ of the current k
-  int k;             // current k (1-based)
+  T inv_r, omega;  // 1/r, π/rc
+  T f0, f1, f2;    // sqrt(2/rc)·f_c(r/rc) and its first and second r-derivatives
+  T s1, c1;        // sin θ, cos θ with θ = πr/rc
+  T sk, ck;        // sin kθ, cos kθ of the current k
+  int k;           // current k (1-based)
 
   GDEQ_HOST_DEVICE RadialBasis(const EdgeGeometry<T>& g, double cutoff) {
     using std::cos;
@@ -95,8 +95,8 @@ struct RadialBasis {
 
   GDEQ_HOST_DEVICE void values(T& phi, T& dphi) const {
     const T kw = static_cast<T>(k) * omega;
-    const T b0 = sk * inv_r;                      // sin(kθ)/r
-    const T b1 = (kw * ck - b0) * inv_r;          // d/dr
+    const T b0 = sk * inv_r;              // sin(kθ)/r
+    const T b1 = (kw * ck - b0) * inv_r;  // d/dr
     phi = b0 * f0;
     dphi = b1 * f0 + b0 * f1;
   }

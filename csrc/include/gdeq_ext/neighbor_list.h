@@ -72,7 +72,8 @@ enum Error : int {
 };
 
 // Candidate pairs per atom above which a structure is refused before anything is allocated: a dense solid with
-// a 15 Å cutoff scans ~1e4 by this estimate (27 bins of 0.1 atoms/Å^3 x 15^3 Å^3); only a cell far thinner than the cutoff (or atoms piled on each other) reaches this.
+// a 15 Å cutoff scans ~1e4 by this estimate (27 bins of 0.1 atoms/Å^3 x 15^3 Å^3); only a cell far thinner than the
+// cutoff (or atoms piled on each other) reaches this.
 constexpr double kMaxCandidatesPerAtom = 1e5;
 
 // Per-structure geometry, written once per call (CPU: a std::vector; CUDA: a device buffer).
@@ -83,13 +84,13 @@ struct Grid {
   double inv_width[3];   // bins per unit of the binned coordinate
   double search;         // prefilter radius (Å): cutoff plus a rounding margin
   double search2;
-  int64_t bins[3];       // bins along each axis
-  int64_t reach[3];      // bins scanned on each side of an atom's bin
+  int64_t bins[3];   // bins along each axis
+  int64_t reach[3];  // bins scanned on each side of an atom's bin
   int64_t n_bins;
   int64_t bin_base;      // offset of this structure's bins in the global bin arrays (2 * begin + 2 * s)
   int64_t begin, count;  // atoms [begin, begin + count)
   int periodic[3];
-  int error;             // Error of this structure (kOk when usable)
+  int error;  // Error of this structure (kOk when usable)
 };
 
 // ------------------------------------------------------------------------ exact arithmetic, host = device
@@ -123,7 +124,9 @@ GDEQ_HD float mul_rn(float a, float b) {
   return a * b;
 #endif
 }
-GDEQ_HD double sqrt_rn(double a) { return sqrt(a); }  // IEEE correctly rounded on host and device
+GDEQ_HD double sqrt_rn(double a) {
+  return sqrt(a);
+}  // IEEE correctly rounded on host and device
 GDEQ_HD float sqrt_rn(float a) {
 #if defined(__CUDA_ARCH__)
   return __fsqrt_rn(a);
@@ -138,8 +141,12 @@ GDEQ_HD double dtype_epsilon() {
 }
 
 // ------------------------------------------------------------------------------------- small linear algebra
-GDEQ_HD double dot3(const double* a, const double* b) { return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]; }
-GDEQ_HD double norm3(const double* a) { return sqrt(dot3(a, a)); }
+GDEQ_HD double dot3(const double* a, const double* b) {
+  return a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
+}
+GDEQ_HD double norm3(const double* a) {
+  return sqrt(dot3(a, a));
+}
 GDEQ_HD void cross3(const double* a, const double* b, double* out) {
   out[0] = a[1] * b[2] - a[2] * b[1];
   out[1] = a[2] * b[0] - a[0] * b[2];
@@ -363,12 +370,13 @@ GDEQ_HD bool within_cutoff(const scalar_t* xi, const scalar_t* xj, const scalar_
 }
 
 GDEQ_HD uint64_t pack_key(int64_t j, const int64_t* image) {
-  return (static_cast<uint64_t>(j) << kJShift) |
-         (static_cast<uint64_t>(image[0] + kImageBias) << (2 * kImageBits)) |
+  return (static_cast<uint64_t>(j) << kJShift) | (static_cast<uint64_t>(image[0] + kImageBias) << (2 * kImageBits)) |
          (static_cast<uint64_t>(image[1] + kImageBias) << kImageBits) | static_cast<uint64_t>(image[2] + kImageBias);
 }
 
-GDEQ_HD int64_t key_atom(uint64_t key) { return static_cast<int64_t>(key >> kJShift); }
+GDEQ_HD int64_t key_atom(uint64_t key) {
+  return static_cast<int64_t>(key >> kJShift);
+}
 
 GDEQ_HD void key_image(uint64_t key, int64_t* image) {
   const uint64_t mask = (uint64_t(1) << kImageBits) - 1;
@@ -437,9 +445,9 @@ GDEQ_HD void search_atom(const Grid& g, int64_t a, const scalar_t* x, const int6
         // Candidates are j's wrapped position plus image · lattice; compare with w_i - image · lattice.
         double base[3];
         for (int d = 0; d < 3; ++d)
-          base[d] = wi[d] - (static_cast<double>(image[0]) * g.lattice[0][d] +
-                             static_cast<double>(image[1]) * g.lattice[1][d] +
-                             static_cast<double>(image[2]) * g.lattice[2][d]);
+          base[d] = wi[d] -
+                    (static_cast<double>(image[0]) * g.lattice[0][d] + static_cast<double>(image[1]) * g.lattice[1][d] +
+                     static_cast<double>(image[2]) * g.lattice[2][d]);
         const int64_t flat = (bin[0] * g.bins[1] + bin[1]) * g.bins[2] + bin[2];
         const int64_t stop = bin_start[flat + 1];
         for (int64_t k = bin_start[flat]; k < stop; ++k) {
@@ -478,8 +486,8 @@ inline std::string error_message(int code, int64_t structure, int64_t detail) {
     case kDegenerateCell:
       return where + "the periodic lattice vectors are linearly dependent (singular or degenerate cell)";
     case kTooManyImages:
-      return where + "the cutoff spans more than " + std::to_string(kMaxReach) +
-             " lattice planes along axis " + std::to_string(detail) + " (an absurdly thin periodic cell)";
+      return where + "the cutoff spans more than " + std::to_string(kMaxReach) + " lattice planes along axis " +
+             std::to_string(detail) + " (an absurdly thin periodic cell)";
     case kTooManyPairs: {
       char pairs[32];
       snprintf(pairs, sizeof(pairs), "%.3g", 1e3 * static_cast<double>(detail));
@@ -509,8 +517,10 @@ inline void check_neighbor_list_args(const at::Tensor& positions, const at::Tens
   check_dtype(n_atoms_per_system, "n_atoms_per_system", at::kLong);
   check_same_device(pbc, "pbc", positions, "positions");
   check_same_device(n_atoms_per_system, "n_atoms_per_system", positions, "positions");
-  TORCH_CHECK_VALUE(std::isfinite(cutoff) && cutoff > 0, "gdeq_ext.neighbor_list: cutoff must be positive and "
-                    "finite, got ", cutoff);
+  TORCH_CHECK_VALUE(std::isfinite(cutoff) && cutoff > 0,
+                    "gdeq_ext.neighbor_list: cutoff must be positive and "
+                    "finite, got ",
+                    cutoff);
   TORCH_CHECK(positions.size(0) < (int64_t(1) << (63 - nl::kJShift)), "gdeq_ext.neighbor_list: too many atoms");
 }
 
