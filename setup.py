@@ -48,18 +48,27 @@ def log(message: str) -> None:
     print(f"[gdeq_ext build] {message}", file=sys.stderr, flush=True)
 
 
+def _load_toolkit_finder():
+    # By path: importing the package here would import torch's extension and the not-yet-built _C.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_gdeq_cuda_toolkit", os.path.join(ROOT, "src", "gdeq_ext", "_cuda_toolkit.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.find_cuda_toolkit
+
+
 def cuda_toolkit() -> tuple[str | None, str]:
-    """The CUDA toolkit folder named by CUDA_HOME (or found by torch), and why it is (not) usable."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or cpp_extension.CUDA_HOME
-    if not home:
-        return None, "no CUDA toolkit found (set CUDA_HOME to the folder with bin/nvcc)"
-    nvcc = os.path.join(home, "bin", "nvcc")
-    header = os.path.join(home, "include", "cuda_runtime.h")
-    if not os.path.exists(nvcc) or not os.path.exists(header):
-        return None, (
-            f"CUDA_HOME={home} is not a CUDA toolkit (needs bin/nvcc and include/cuda_runtime.h); "
-            "point CUDA_HOME at the toolkit folder itself"
-        )
+    """A real CUDA toolkit (CUDA_HOME, CUDA_PATH, /usr/local/cuda-<version>, /usr/local/cuda, the real nvcc's
+    folder, torch's guess: src/gdeq_ext/_cuda_toolkit.py), and why it was (not) found. Every candidate is logged."""
+    find = _load_toolkit_finder()
+    home, notes = find(torch_cuda_version=torch.version.cuda, torch_guess=cpp_extension.CUDA_HOME)
+    for note in notes:
+        log(f"  CUDA toolkit search: {note}")
+    if home is None:
+        return None, "no CUDA toolkit found (set CUDA_HOME to the folder with bin/nvcc and include/cuda_runtime.h)"
     return home, f"CUDA toolkit at {home}"
 
 

@@ -43,13 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, fit_and_save, machine, machine_label, markdown_table, warm_up_cell, write_json  # noqa: E402
 
 import gdeq_ext  # noqa: E402
-from gdeq_ext import Batch, BPTTRelax, HybridRelax, ImplicitRelax, delta_q  # noqa: E402
+from gdeq_ext import Batch, delta_q  # noqa: E402
 from gdeq_ext.datasets.basins import judge_basins  # noqa: E402
 from gdeq_ext.datasets.relaxations import relax_starts  # noqa: E402
 from gdeq_ext.datasets.silicon_defects import silicon_defects  # noqa: E402
 from gdeq_ext.diagnose import diagnose  # noqa: E402
 from gdeq_ext.potentials import MLIP, StillingerWeber  # noqa: E402
-from gdeq_ext.relax import PolishOptions  # noqa: E402
+from gdeq_ext.relax import PolishOptions, RelaxOptions, build_relaxation  # noqa: E402
 
 CACHE = RESULTS / "cache"
 
@@ -86,20 +86,18 @@ def methods(args) -> list[Method]:
 def relaxer(method: Method, model, args):
     # The Newton polish and curvature check (#13) are off here for now: on the generic path they quadruple the
     # forward time (docs/method.md, "What the polish costs") and the committed results were measured without them.
-    quiet = dict(warn=False, polish=PolishOptions(newton_steps=0, curvature_steps=0))
-    if method.kind == "bptt":
-        return BPTTRelax(model, steps=method.window, alpha=args.alpha)
-    if method.kind == "implicit":
-        return ImplicitRelax(model, fmax=0.01, max_steps=args.max_steps, **quiet)
-    return HybridRelax(
-        model,
+    options = RelaxOptions(
+        mode=method.kind,
         window=method.window,
+        bptt_steps=method.window,
         handoff=method.handoff,
         alpha=args.alpha,
         fmax=0.01,
         max_steps=args.max_steps,
-        **quiet,
+        polish=PolishOptions(newton_steps=0, curvature_steps=0),
+        warn=False,
     )
+    return build_relaxation(model, options)
 
 
 def as_batch(structures, dtype, device):

@@ -48,10 +48,10 @@ from common import (  # noqa: E402
 )
 
 import gdeq_ext  # noqa: E402
-from gdeq_ext import Batch, BPTTRelax, HybridRelax, ImplicitRelax, delta_q  # noqa: E402
+from gdeq_ext import Batch, delta_q  # noqa: E402
 from gdeq_ext.potentials import MLIP, StillingerWeber, recomputed_forces  # noqa: E402
 from gdeq_ext.profiling import current_rss_bytes, peak_rss_bytes, reset_peak_rss  # noqa: E402
-from gdeq_ext.relax import PolishOptions  # noqa: E402
+from gdeq_ext.relax import PolishOptions, RelaxOptions, build_relaxation  # noqa: E402
 
 CACHE = RESULTS / "cache"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -141,23 +141,28 @@ def load_model(path: str, backend: str, dtype: torch.dtype, device: str):
 def relaxer(config: Config, model):
     # The Newton polish and curvature check (#13) are off here for now: on the generic path they quadruple the
     # forward time (docs/method.md, "What the polish costs") and the committed results were measured without them.
-    quiet = dict(warn=False, polish=PolishOptions(newton_steps=0, curvature_steps=0))
-    if config.mode == "bptt":
-        return BPTTRelax(model, steps=config.steps, fmax=0.0)
-    if config.mode == "bptt-force":
-        return BPTTRelax(model, steps=config.steps, fmax=0.0, force_fn=recomputed_forces)
-    if config.mode == "bptt-checkpoint":
-        return BPTTRelax(model, steps=config.steps, fmax=0.0, checkpoint=True)
+    options = RelaxOptions(warn=False, polish=PolishOptions(newton_steps=0, curvature_steps=0))
+    if config.mode in ("bptt", "bptt-force", "bptt-checkpoint"):
+        return build_relaxation(
+            model,
+            options,
+            mode="bptt",
+            bptt_steps=config.steps,
+            fmax=0.0,
+            checkpoint=config.mode == "bptt-checkpoint",
+            force_fn=recomputed_forces if config.mode == "bptt-force" else None,
+        )
     fmax, max_steps = (0.01, 3000) if config.steps == 0 else (0.0, config.steps)
     if config.mode == "implicit":
-        return ImplicitRelax(model, fmax=fmax, max_steps=max_steps, **quiet)
+        return build_relaxation(model, options, mode="implicit", fmax=fmax, max_steps=max_steps)
     if config.mode == "hybrid":
-        return HybridRelax(
+        return build_relaxation(
             model,
+            options,
+            mode="hybrid",
             window=config.window,
             fmax=fmax,
             max_steps=max_steps - config.window if config.steps else max_steps,
-            **quiet,
         )
     raise ValueError(config.mode)
 

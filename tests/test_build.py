@@ -127,3 +127,40 @@ def test_commands_run_from_the_repository_root_use_the_compiled_kernels():
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert '"compiled": true' in result.stdout, result.stdout
+
+
+def test_cuda_toolkit_search_finds_a_real_toolkit_behind_a_wrapper(tmp_path):
+    """#19: CUDA_HOME unset, torch's guess is a wrapper's folder: the real toolkit the wrapper runs is found, and
+    every rejected candidate is named with the reason."""
+    from gdeq_ext._cuda_toolkit import find_cuda_toolkit, is_toolkit
+
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (toolkit / "include" / "cuda_runtime.h").write_text("\n")
+    wrappers = tmp_path / "wrappers" / "bin"
+    wrappers.mkdir(parents=True)
+    wrapper = wrappers / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    assert is_toolkit(str(toolkit)) == (True, "") and not is_toolkit(str(wrappers.parent))[0]
+
+    home, notes = find_cuda_toolkit(
+        environ={},
+        torch_cuda_version="13.0",
+        torch_guess=str(wrappers.parent),
+        which=lambda _: str(wrapper),
+        conventional=(str(tmp_path / "missing-{version}"),),
+    )
+    assert home == str(toolkit), notes
+    assert any("missing-13.0 rejected (no such folder)" in n for n in notes)
+    assert any(
+        f"nvcc on the PATH ({wrapper}): {wrappers.parent} rejected (no include/cuda_runtime.h" in n for n in notes
+    )
+    # An explicit CUDA_HOME that is a toolkit wins; a wrong one is named and the search goes on.
+    assert find_cuda_toolkit(environ={"CUDA_HOME": str(toolkit)}, which=lambda _: None, conventional=())[0] == str(
+        toolkit
+    )
+    home, notes = find_cuda_toolkit(environ={"CUDA_HOME": str(tmp_path)}, which=lambda _: str(wrapper), conventional=())
+    assert home == str(toolkit) and notes[0].startswith(f"CUDA_HOME: {tmp_path} rejected (no bin/nvcc")
+    assert find_cuda_toolkit(environ={}, which=lambda _: None, conventional=()) == (None, [])

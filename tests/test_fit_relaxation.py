@@ -18,6 +18,7 @@ from ase.build import bulk
 
 from gdeq_ext import MLIP, Batch, StillingerWeber
 from gdeq_ext.data import RelaxationPair, RelaxationPairs, write_relaxation_pairs
+from gdeq_ext.datasets import BasinJudge
 from gdeq_ext.relax import fire
 from gdeq_ext.train import (
     Config,
@@ -178,8 +179,13 @@ def test_basin_distance_ignores_translation_and_periodic_images():
     distance = basin_distance(moved, reference, batch)
     expected = math.sqrt(((0.4 - 0.05) ** 2 + 7 * 0.05**2) / 8)  # the mean shift 0.4/8 Å is removed
     np.testing.assert_allclose(distance.numpy(), [0.0, expected], atol=1e-12)
-    assert correct_basin(moved, reference, batch).tolist() == [True, False]  # default 0.1 Å
-    assert correct_basin(moved, reference, batch, threshold=0.14).tolist() == [True, True]
+    # The judge: the largest per-atom deviation, 0.35 Å here (0.4 Å minus the removed mean shift 0.05 Å).
+    assert correct_basin(moved, reference, batch).tolist() == [True, True]  # no teacher: direct, 0.4 Å
+    strict = BasinJudge(direct_threshold=0.3)
+    verdict = strict(moved, reference, batch)
+    assert verdict.correct.tolist() == [True, False] and verdict.quenched is None
+    np.testing.assert_allclose(verdict.direct.numpy(), [0.0, 0.35], atol=1e-12)
+    assert correct_basin(moved, reference, batch, strict).tolist() == [True, False]
     swapped = reference.clone()
     swapped[[1, 6]] = reference[[6, 1]]  # two atoms trade places: the same structure
     np.testing.assert_allclose(basin_distance(swapped, reference, batch).numpy(), [0.0, 0.0], atol=1e-12)
@@ -454,3 +460,44 @@ def test_command_names_the_step_and_dataset_frame_of_a_failure(tmp_path, pairs, 
     config.write_text(config.read_text().replace(str(base_path), str(tmp_path / "empty" / "model.pt")))
     assert main([str(config), "--output-dir", str(tmp_path / "out2"), "--no-progress"]) == 2
     assert "model.pt: empty file (0 bytes)" in capsys.readouterr().err
+
+
+def test_the_judge_quenches_with_the_teacher_and_reports_the_direct_test(tmp_path, pairs, base_path):
+    """#14: one correct-basin test. With train.teacher = "sw" a relaxed structure counts when the SW quench of it
+    lands within 0.1 Å (largest per-atom deviation) of the reference; the direct test is reported beside it."""
+    reference_batch, reference = pairs.batch(dtype=torch.float64)
+    # One atom of structure 0 pushed 0.3 Å off its reference (direct deviation 0.26 Å once the mean shift is
+    # removed): SW relaxes it back, so the quenched deviation is ~0.
+    moved = reference.clone()
+    moved[1, 1] += 0.3
+    teacher = BasinJudge(StillingerWeber())
+    verdict = teacher(moved, reference, reference_batch)
+    assert verdict.correct.all() and verdict.direct_correct.all()
+    assert float(verdict.direct[0]) > 0.25 and float(verdict.quenched.max()) < 1e-3
+    with pytest.raises(ValueError, match=r"BasinJudge: threshold must be a finite number > 0 Å, got nan"):
+        BasinJudge(threshold=float("nan"))
+
+    settings = dict(SETTINGS, steps=1, eval_every=0)
+    result = fit_relaxation(MLIP.load(base_path), pairs, output_dir=tmp_path / "sw", teacher="sw", **settings)
+    rows = read_rows(tmp_path / "sw" / "metrics.csv")
+    assert rows[1]["train_basin_rate"] != "" and rows[1]["train_basin_rate_direct"] != ""
+    assert "| correct basins | direct |" in result.table()
+    assert {"correct", "correct_direct", "basin_rate_direct"} <= set(result.final["train"])
+    with pytest.raises(ConfigError, match=r"train.teacher = 'dft' is not one of \['none', 'sw'\]"):
+        Config().update({"train.teacher": "dft"})
+
+
+def test_resume_from_a_checkpoint_written_before_a_setting_existed(tmp_path, pairs, base_path):
+    """A key added to [relax] or [train] later (skin, atol, teacher, ...) held its default in the old run: resuming
+    compares with that default instead of refusing every earlier run."""
+    out = tmp_path / "run"
+    settings = dict(SETTINGS, steps=1, eval_every=0, eval_train=False)
+    fit_relaxation(MLIP.load(base_path), pairs, output_dir=out, **settings)
+    path = find_checkpoint(out)
+    saved = torch.load(path, weights_only=True)
+    for section, key in (("relax", "skin"), ("relax", "atol"), ("train", "teacher"), ("train", "direct_threshold")):
+        del saved["config"][section][key]
+    torch.save(saved, path)
+    assert fit_relaxation(MLIP.load(base_path), pairs, output_dir=out, **dict(settings, steps=2)).resumed_from == 1
+    with pytest.raises(ConfigError, match=r"relax.skin was 0.5 and is now 0.3"):
+        fit_relaxation(MLIP.load(base_path), pairs, output_dir=out, **dict(settings, steps=3, skin=0.3))

@@ -9,8 +9,6 @@ sets as ``ase.neighborlist.neighbor_list``.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -23,6 +21,7 @@ from hypothesis import strategies as st
 import gdeq_ext
 from gdeq_ext.neighbors.neighbor_list import OP_AVAILABLE
 from gdeq_ext.neighbors.reference import neighbor_list_reference
+from gdeq_ext.profiling import count_syncs
 from gdeq_ext.testing import devices, requires_cuda
 
 requires_kernel = pytest.mark.skipif(not OP_AVAILABLE, reason="compiled neighbor_list op not built")
@@ -390,22 +389,9 @@ def test_cuda_errors_name_the_structure():
             run_kernel(*_bad_batch(problem, "cuda"), 2.0)
 
 
-def _stream_syncs(fn) -> int:
-    """Host synchronizations torch's sync debug mode reports during fn()."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
-
-
 @requires_cuda()
 @requires_kernel
 def test_cuda_call_synchronizes_once():
     batch = gdeq_ext.Batch.from_ase([bulk("Si", cubic=True) * (2, 2, 2)] * 4, device="cuda", dtype=torch.float32)
     gdeq_ext.neighbor_list(batch, 5.0)
-    assert _stream_syncs(lambda: gdeq_ext.neighbor_list(batch, 5.0)) == 1
+    assert count_syncs(lambda: gdeq_ext.neighbor_list(batch, 5.0)) == 1

@@ -28,4 +28,8 @@ def test_readme_example_runs(index, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RelaxationWarning)
         exec(compile(examples()[index], f"README.md example {index}", "exec"), {"__name__": "__readme__"})
-    assert capsys.readouterr().out.strip()
+    printed = capsys.readouterr().out
+    assert printed.strip()
+    if index == 0:  # the first example labels what it prints (issue #19) and ends with a trustworthy gradient
+        assert "converged [True], FIRE steps [" in printed and "ΔQ " in printed, printed
+        assert "trustworthy gradient [True]" in printed, printed

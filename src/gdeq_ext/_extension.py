@@ -97,6 +97,16 @@ def _load() -> tuple[bool, dict, str]:
 HAVE_EXTENSION, _BUILD_CONFIG, _MISSING_REASON = _load()
 _warned = False
 
+if HAVE_EXTENSION and not _BUILD_CONFIG.get("with_cuda") and torch.version.cuda and torch.cuda.is_available():
+    # The build's CUDA decision is printed only with `pip install -v`; a user with a GPU must hear of it.
+    warnings.warn(
+        f"gdeq_ext: a CUDA device is visible but the extension was built without CUDA kernels "
+        f"({_BUILD_CONFIG.get('cuda_decision', 'no reason recorded')}); ops on CUDA tensors use the pure-PyTorch "
+        f"reference. Rebuild with CUDA_HOME=<toolkit> GDEQ_EXT_WITH_CUDA=1 {REBUILD_COMMAND}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
 
 def warn_fallback(what: str) -> None:
     """Warn, once per process, that ``what`` runs on the pure-PyTorch reference."""

@@ -2,6 +2,7 @@
 
 from gdeq_ext.relax.bptt import BPTTRelax
 from gdeq_ext.relax.checks import NonFiniteError, RelaxationWarning, structure_fmax
+from gdeq_ext.relax.factory import MODES, RelaxOptions, build_relaxation
 from gdeq_ext.relax.fire import FIREParameters, FIREResult, fire
 from gdeq_ext.relax.hybrid import HybridRelax
 from gdeq_ext.relax.implicit import ImplicitRelax
@@ -11,6 +12,7 @@ from gdeq_ext.relax.validity import Validity, apply_policy
 from gdeq_ext.relax.window import capped_step, run_window
 
 __all__ = [
+    "MODES",
     "BPTTRelax",
     "FIREParameters",
     "FIREResult",
@@ -19,10 +21,12 @@ __all__ = [
     "NonFiniteError",
     "PolishOptions",
     "PolishResult",
+    "RelaxOptions",
     "RelaxResult",
     "RelaxationWarning",
     "Validity",
     "apply_policy",
+    "build_relaxation",
     "capped_step",
     "fire",
     "polish",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from gdeq_ext.data.batch import Batch
@@ -32,6 +34,8 @@ class BPTTRelax:
         checkpoint: recompute each step's graph in backward (default False); bit-identical gradients.
         skin: Å, Verlet skin for our own potentials (default 0.5).
         force_fn: the force evaluation (default autograd through the potential; see relax/forces.py).
+        parameters: θ, the tensors that receive gradients (default: the potential's trainable parameters), as in
+            :class:`ImplicitRelax` and :class:`HybridRelax`; no other tensor the potential captures gets one.
 
     Calling it on a Batch returns :class:`RelaxResult` whose ``positions`` X_T carry the full graph;
     ``steps`` is T for every structure, ``converged`` says whether fmax(X_T) < ``fmax`` (no warning:
@@ -49,6 +53,7 @@ class BPTTRelax:
         checkpoint: bool = False,
         skin: float = 0.5,
         force_fn: ForceFn | None = None,
+        parameters: Sequence[torch.Tensor] | None = None,
     ):
         check_positive("steps", steps, allow_zero=True, integer=True)
         check_positive("alpha", alpha)
@@ -63,6 +68,7 @@ class BPTTRelax:
         self.checkpoint = checkpoint
         self.skin = float(skin)
         self.force_fn = default_force_fn(force_fn)
+        self.parameters = None if parameters is None else list(parameters)
 
     def __call__(self, batch: Batch) -> RelaxResult:
         verlet = make_verlet(self.potential, self.skin)
@@ -75,6 +81,7 @@ class BPTTRelax:
             verlet=verlet,
             force_fn=self.force_fn,
             checkpoint=self.checkpoint,
+            parameters=self.parameters,
         )
         final = states[-1] if states else batch.positions
         report = batch.with_positions(final.detach())

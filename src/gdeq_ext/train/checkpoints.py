@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from gdeq_ext.train.config import ConfigError
+from gdeq_ext.train.config import Config, ConfigError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -45,7 +45,15 @@ CHECKPOINT_FORMAT = "gdeq_ext.relaxation_checkpoint/1"
 
 # Config keys that must not change when a run is resumed: they change what the remaining steps compute.
 # ("train.steps" may grow: that extends a run. "model.*" is checked on the model itself, model_signature.)
-RESUME_LOCKED = ("relax", "optim", "train.batch_size", "train.seed", "train.basin_threshold")
+RESUME_LOCKED = (
+    "relax",
+    "optim",
+    "train.batch_size",
+    "train.seed",
+    "train.basin_threshold",
+    "train.direct_threshold",
+    "train.teacher",
+)
 
 # Keys every checkpoint written by fit_relaxation holds; a dictionary without them is not resumable.
 REQUIRED_KEYS = (
@@ -276,12 +284,16 @@ def check_resume(
         path: the checkpoint's file, for the message.
     """
     advice = "restore it, or start a new run (another output_dir, or train.resume = 'never' in a fresh directory)"
+    # A key the checkpoint's version of the config did not have yet held its default then: compare with that,
+    # so adding a setting does not lock every earlier run out of resuming.
+    defaults = Config().to_dict()
     for locked in RESUME_LOCKED:
         section, _, key = locked.partition(".")
         old_section, new_section = saved["config"].get(section, {}), config.get(section, {})
         keys = [key] if key else sorted(set(old_section) | set(new_section))
         for name in keys:
-            old, new = old_section.get(name), new_section.get(name)
+            old = old_section.get(name, defaults.get(section, {}).get(name))
+            new = new_section.get(name)
             if old != new:
                 raise ConfigError(
                     f"cannot resume from {path}: {section}.{name} was {old!r} and is now {new!r}; {advice}"

@@ -22,6 +22,9 @@ import os
 import typing
 from dataclasses import dataclass, field
 
+from gdeq_ext.gradients.implicit_function import ON_INVALID, SOLVERS
+from gdeq_ext.relax.factory import MODES
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -35,13 +38,11 @@ __all__ = [
     "parse_override",
 ]
 
-MODES = ("bptt", "implicit", "hybrid")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine", "step", "exponential")
-SOLVERS = ("cg", "minres", "fixed_point")
-ON_INVALID = ("raise", "skip", "warn")
 DTYPES = ("float32", "float64")
 RESUME = ("auto", "always", "never")
+TEACHERS = ("none", "sw")  # train.teacher: who labelled the data (the correct-basin judge quenches with it)
 
 
 class ConfigError(ValueError):
@@ -124,7 +125,9 @@ class RelaxConfig:
             mode's own default, on for hybrid and off for bptt).
         solver: Hessian solve, "cg" (default), "minres" or "fixed_point"; rtol: its relative tolerance
             (default 1e-6); max_iter: Hessian-vector products per structure at most (default 30 n_atoms + 10);
-            damping: eV/Å² (default 0).
+            damping: eV/Å² (default 0); atol: absolute tolerance of the solve (default 0); project_rotations:
+            also project rigid rotations out of non-periodic structures (default true).
+        skin: Å, Verlet-list skin of the relaxations (default 0.5; 0 rebuilds the list every step).
         on_invalid: what a structure without a trustworthy implicit gradient (unconverged relaxation, inexact fixed
             point, saddle, failed backward solve) does: "skip" (default: its gradient contribution is zeroed and
             counted in metrics.csv), "raise" or "warn" (``gdeq_ext.relax.validity``).
@@ -144,6 +147,9 @@ class RelaxConfig:
     rtol: float = 1e-6
     max_iter: int | None = None
     damping: float = 0.0
+    atol: float = 0.0
+    project_rotations: bool = True
+    skin: float = 0.5
     on_invalid: str = "skip"
     newton_steps: int = 24
 
@@ -184,8 +190,12 @@ class TrainConfig:
         checkpoint_every: write a checkpoint every this many steps (default 10; 0: only at the end).
         keep_checkpoints: most recent checkpoints kept (default 3).
         eval_every: evaluate the validation pairs every this many steps (default 10; 0: only at the end).
-        basin_threshold: Å, per-atom RMS distance below which a relaxed structure is in the correct basin
-            (default 0.1).
+        teacher: "none" (default) or "sw": the potential that labelled the data, used by the correct-basin judge
+            (:class:`gdeq_ext.datasets.BasinJudge`) to quench each relaxed structure before comparing it.
+        basin_threshold: Å, largest per-atom deviation of the teacher-quenched structure from the reference below
+            which it is in the correct basin (default 0.1; after pairing atoms, net translation removed).
+        direct_threshold: Å, the same for the relaxed structure itself (default 0.4): the verdict without a
+            teacher, and reported beside it with one.
         eval_train: also evaluate the training pairs before and after training (default true).
         output_dir: checkpoints, metrics.csv, learning_curves.png, model.pt, summary.md (default none: write
             nothing; the command defaults to ``runs/<config file name>``).
@@ -202,7 +212,9 @@ class TrainConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
     eval_every: int = 10
+    teacher: str = "none"
     basin_threshold: float = 0.1
+    direct_threshold: float = 0.4
     eval_train: bool = True
     output_dir: str | None = None
     resume: str = "auto"
@@ -221,12 +233,15 @@ _CHOICES = {
     ("model", "dtype"): DTYPES,
     ("model", "backend"): ("fused", "reference"),
     ("train", "resume"): RESUME,
+    ("train", "teacher"): TEACHERS,
     ("train", "device"): ("auto", "cpu", "cuda"),
 }
 _POSITIVE = {
     ("train", "steps"),
     ("train", "batch_size"),
     ("train", "keep_checkpoints"),
+    ("train", "basin_threshold"),
+    ("train", "direct_threshold"),
     ("relax", "max_relax_steps"),
     ("relax", "fmax"),
     ("relax", "alpha"),
@@ -240,9 +255,10 @@ _NON_NEGATIVE = {
     ("relax", "window"),
     ("relax", "bptt_steps"),
     ("relax", "damping"),
+    ("relax", "atol"),
+    ("relax", "skin"),
     ("train", "checkpoint_every"),
     ("train", "eval_every"),
-    ("train", "basin_threshold"),
     ("optim", "warmup_steps"),
     ("optim", "weight_decay"),
     ("optim", "min_lr"),

@@ -6,10 +6,14 @@ import math
 
 import torch
 
-from gdeq_ext.relax import BPTTRelax, HybridRelax, ImplicitRelax, PolishOptions
-from gdeq_ext.train.config import ConfigError, OptimConfig, RelaxConfig
+from gdeq_ext.datasets.basins import BasinJudge
+from gdeq_ext.potentials.stillinger_weber import StillingerWeber
+from gdeq_ext.relax import MODES, PolishOptions, RelaxOptions, build_relaxation
+from gdeq_ext.train.config import ConfigError, OptimConfig, RelaxConfig, TrainConfig
 
 __all__ = [
+    "make_judge",
+    "relax_options",
     "make_optimizer",
     "make_relaxation",
     "make_scheduler",
@@ -17,42 +21,48 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------- factories
+def relax_options(relax: RelaxConfig, warn: bool = False) -> RelaxOptions:
+    """The :class:`~gdeq_ext.relax.RelaxOptions` of a ``[relax]`` config section (field names map one to one;
+    ``max_relax_steps`` is ``max_steps``, ``checkpoint_window`` is ``checkpoint``, ``newton_steps`` the polish's)."""
+    if relax.mode not in MODES:
+        raise ConfigError(f"relax.mode = {relax.mode!r} is not one of {list(MODES)}")
+    return RelaxOptions(
+        mode=relax.mode,
+        window=relax.window,
+        bptt_steps=relax.bptt_steps,
+        handoff=relax.handoff,
+        fmax=relax.fmax,
+        max_steps=relax.max_relax_steps,
+        alpha=relax.alpha,
+        maxstep=relax.maxstep,
+        checkpoint=relax.checkpoint_window,
+        solver=relax.solver,
+        rtol=relax.rtol,
+        atol=relax.atol,
+        max_iter=relax.max_iter,
+        damping=relax.damping,
+        project_rotations=relax.project_rotations,
+        skin=relax.skin,
+        polish=PolishOptions(newton_steps=relax.newton_steps),
+        on_invalid=relax.on_invalid,
+        warn=warn,
+    )
+
+
 def make_relaxation(model, relax: RelaxConfig, warn: bool = False):
-    """The relaxation object of ``relax.mode`` around ``model`` (callable on a Batch -> RelaxResult).
+    """The relaxation object of ``relax.mode`` around ``model`` (callable on a Batch -> RelaxResult), built by
+    the one factory :func:`gdeq_ext.relax.build_relaxation`.
 
     ``warn`` is off by default in training: unconverged relaxations are counted in the metrics every step
     (``train_converged``) instead of warning once per location.
     """
-    # None keeps each mode's own default for recomputing window steps in backward.
-    checkpoint = {} if relax.checkpoint_window is None else {"checkpoint": relax.checkpoint_window}
-    if relax.mode == "bptt":
-        return BPTTRelax(
-            model, steps=relax.bptt_steps, alpha=relax.alpha, maxstep=relax.maxstep, fmax=relax.fmax, **checkpoint
-        )
-    common = dict(
-        fmax=relax.fmax,
-        max_steps=relax.max_relax_steps,
-        solver=relax.solver,
-        rtol=relax.rtol,
-        max_iter=relax.max_iter,
-        damping=relax.damping,
-        warn=warn,
-        on_invalid=relax.on_invalid,
-        polish=PolishOptions(newton_steps=relax.newton_steps),
-    )
-    if relax.mode == "implicit":
-        return ImplicitRelax(model, **common)
-    if relax.mode == "hybrid":
-        return HybridRelax(
-            model,
-            window=relax.window,
-            handoff=relax.handoff,
-            **checkpoint,
-            alpha=relax.alpha,
-            maxstep=relax.maxstep,
-            **common,
-        )
-    raise ConfigError(f"relax.mode = {relax.mode!r} is not one of ['bptt', 'implicit', 'hybrid']")
+    return build_relaxation(model, relax_options(relax, warn))
+
+
+def make_judge(run: TrainConfig) -> BasinJudge:
+    """The correct-basin judge of ``train.teacher`` / ``basin_threshold`` / ``direct_threshold``."""
+    teacher = StillingerWeber() if run.teacher == "sw" else None
+    return BasinJudge(teacher, threshold=run.basin_threshold, direct_threshold=run.direct_threshold)
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:

@@ -10,7 +10,7 @@ import torch
 
 from gdeq_ext.data.batch import Batch
 from gdeq_ext.data.relaxation_pairs import RelaxationPairs
-from gdeq_ext.datasets.basins import structure_distance
+from gdeq_ext.datasets.basins import BasinJudge, structure_distance
 from gdeq_ext.gradients.implicit_function import InvalidGradientError
 from gdeq_ext.loss import delta_q
 from gdeq_ext.relax import fire
@@ -43,6 +43,7 @@ COLUMNS = (
     "lr",
     "loss",
     "train_basin_rate",
+    "train_basin_rate_direct",
     "train_fmax",
     "train_converged",
     "relax_steps",
@@ -59,6 +60,7 @@ COLUMNS = (
     "wall_time_s",
     "val_delta_q",
     "val_basin_rate",
+    "val_basin_rate_direct",
     "val_fmax",
     "val_converged",
     "val_relax_steps",
@@ -67,7 +69,8 @@ COLUMNS = (
 
 # ---------------------------------------------------------------------------------------------- basins
 def basin_distance(positions: torch.Tensor, reference: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Per-structure RMS distance to the reference, (n_systems,) in Å per atom, detached.
+    """Per-structure RMS distance to the reference, (n_systems,) in Å per atom, detached (reported; the
+    correct-basin verdict is :class:`gdeq_ext.datasets.BasinJudge`'s, on the largest per-atom deviation).
 
     sqrt(mean_j ||d_j - t_s||²) after pairing atoms of the same species optimally
     (:func:`gdeq_ext.datasets.basins.structure_distance`: a linear assignment on minimum-image distances, so an
@@ -88,10 +91,13 @@ def basin_distance(positions: torch.Tensor, reference: torch.Tensor, batch: Batc
 
 
 def correct_basin(
-    positions: torch.Tensor, reference: torch.Tensor, batch: Batch, threshold: float = 0.1
+    positions: torch.Tensor, reference: torch.Tensor, batch: Batch, judge: BasinJudge | None = None
 ) -> torch.Tensor:
-    """(n_systems,) bool: :func:`basin_distance` < ``threshold`` Å (default 0.1)."""
-    return basin_distance(positions, reference, batch) < threshold
+    """(n_systems,) bool: the verdict of ``judge`` (default ``BasinJudge()``: no teacher, the largest per-atom
+    deviation of the relaxed structure itself below 0.4 Å). The project's one correct-basin test is
+    :class:`gdeq_ext.datasets.BasinJudge`; this is a shorthand for ``judge(positions, reference, batch).correct``.
+    """
+    return (judge or BasinJudge())(positions, reference, batch).correct
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -133,18 +139,20 @@ def step_failure(error: Exception, what: str, step: int, frames: Sequence[int], 
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-_EVAL_FIELDS = ("n", "delta_q", "correct", "fmax", "converged", "relax_steps")
+_EVAL_FIELDS = ("n", "delta_q", "correct", "correct_direct", "fmax", "converged", "relax_steps")
 
 
-def _relax_and_measure(model, pairs: RelaxationPairs, indices, dtype, device, fmax, max_steps, threshold):
+def _relax_and_measure(model, pairs: RelaxationPairs, indices, dtype, device, fmax, max_steps, judge: BasinJudge):
     batch, reference = pairs.batch(indices, dtype=dtype, device=device)
     solved = fire(model, batch, fmax=fmax, max_steps=max_steps, warn=False)
     positions = solved.positions
+    verdict = judge(positions, reference, batch)
     return torch.stack(
         [
             torch.tensor(float(batch.n_systems), dtype=torch.float64),
             delta_q(positions, reference, batch).double().sum().cpu(),
-            correct_basin(positions, reference, batch, threshold).double().sum().cpu(),
+            verdict.correct.double().sum(),
+            verdict.direct_correct.double().sum(),
             solved.fmax.double().sum().cpu(),
             solved.converged.double().sum().cpu(),
             solved.steps.double().sum().cpu(),
@@ -158,7 +166,7 @@ def evaluate_relaxation(
     *,
     fmax: float = 0.01,
     max_steps: int = 1000,
-    basin_threshold: float = 0.1,
+    judge: BasinJudge | None = None,
     batch_size: int = 16,
     context: DistributedContext | None = None,
     step: int = 0,
@@ -177,6 +185,7 @@ def evaluate_relaxation(
         mean FIRE steps.
     """
     context = context or DistributedContext()
+    judge = judge or BasinJudge()
     parameter = next(iter(model.parameters()), None)
     dtype = parameter.dtype if parameter is not None else torch.float64
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -185,7 +194,7 @@ def evaluate_relaxation(
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
         try:
-            totals += _relax_and_measure(model, pairs, chunk, dtype, device, fmax, max_steps, basin_threshold)
+            totals += _relax_and_measure(model, pairs, chunk, dtype, device, fmax, max_steps, judge)
         except STEP_FAILURES as error:
             raise step_failure(error, f"evaluation at step {step}", step, chunk, pairs) from error
     totals = all_reduce_sum(totals, context)
@@ -196,6 +205,8 @@ def evaluate_relaxation(
         "delta_q": out["delta_q"] / n,
         "basin_rate": out["correct"] / n,
         "correct": int(round(out["correct"])),
+        "basin_rate_direct": out["correct_direct"] / n,
+        "correct_direct": int(round(out["correct_direct"])),
         "fmax": out["fmax"] / n,
         "converged": out["converged"] / n,
         "relax_steps": out["relax_steps"] / n,
@@ -210,6 +221,7 @@ def make_row(step: int, epoch: int, lr, validation: dict | None, **values) -> di
         row.update(
             val_delta_q=validation["delta_q"],
             val_basin_rate=validation["basin_rate"],
+            val_basin_rate_direct=validation.get("basin_rate_direct"),
             val_fmax=validation["fmax"],
             val_converged=validation["converged"],
             val_relax_steps=validation["relax_steps"],

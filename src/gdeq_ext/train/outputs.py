@@ -65,8 +65,8 @@ class RelaxationFitResult:
     def table(self) -> str:
         """A markdown table of the evaluations before and after training, with a line on the run."""
         lines = [
-            "| pairs | when | ΔQ (Å·amu½) | correct basins | fmax (eV/Å) | converged | FIRE steps |",
-            "|---|---|---|---|---|---|---|",
+            "| pairs | when | ΔQ (Å·amu½) | correct basins | direct | fmax (eV/Å) | converged | FIRE steps |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for split in ("train", "val"):
             for when, source in (("before", self.initial), ("after", self.final)):
@@ -75,7 +75,8 @@ class RelaxationFitResult:
                     continue
                 lines.append(
                     f"| {split} | {when} | {metrics['delta_q']:.3f} | {metrics['correct']}/{metrics['n']} | "
-                    f"{metrics['fmax']:.4f} | {100 * metrics['converged']:.0f} % | {metrics['relax_steps']:.0f} |"
+                    f"{metrics.get('correct_direct', '-')}/{metrics['n']} | {metrics['fmax']:.4f} | "
+                    f"{100 * metrics['converged']:.0f} % | {metrics['relax_steps']:.0f} |"
                 )
         iterations = [row["solver_iterations"] for row in self.history if row.get("solver_iterations") is not None]
         solver = f", {np.mean(iterations):.1f} Hessian-vector products per structure" if iterations else ""
@@ -127,7 +128,14 @@ def plot_learning_curves(history: Sequence[dict], path: str | os.PathLike, title
 
     panels = [
         ("ΔQ (Å·amu$^{1/2}$)", [("loss", "train (batch)", "-"), ("val_delta_q", "validation", "o-")]),
-        ("correct-basin rate", [("train_basin_rate", "train (batch)", "-"), ("val_basin_rate", "validation", "o-")]),
+        (
+            "correct-basin rate",
+            [
+                ("train_basin_rate", "train (batch)", "-"),
+                ("val_basin_rate", "validation", "o-"),
+                ("val_basin_rate_direct", "validation, direct", "x:"),
+            ],
+        ),
         ("final fmax (eV/Å)", [("train_fmax", "train (batch)", "-"), ("val_fmax", "validation", "o-")]),
         (
             "per structure",

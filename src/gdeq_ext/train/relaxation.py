@@ -8,8 +8,11 @@ every start with the potential in the configured mode (``bptt`` / ``implicit`` /
 
 Metrics per step (``metrics.csv``, ``learning_curves.png``):
 
-* ΔQ (the loss), and the **correct-basin rate**: the share of structures whose relaxed positions lie within
-  ``basin_threshold`` (default 0.1 Å) of the reference by :func:`basin_distance`, the per-atom RMS of the
+* ΔQ (the loss), and the **correct-basin rate** by the project's one judge (:class:`gdeq_ext.datasets.BasinJudge`,
+  ``train.teacher`` / ``basin_threshold`` / ``direct_threshold``): with a teacher, the relaxed structure quenched
+  by it lies within 0.1 Å of the reference in its largest per-atom deviation; without one, the relaxed structure
+  itself within 0.4 Å; ``*_basin_rate_direct`` is the direct test either way. Deviations are taken after
+  pairing atoms (permutation-invariant) and removing the net translation. (Until 2026-12-03: the per-atom RMS of the
   minimum-image displacements after pairing atoms (permutation-invariant) and removing the net translation;
 * fmax (eV/Å) and the converged share at the end of each relaxation, relaxation steps per structure;
 * solver iterations: Hessian-vector products per structure of the implicit backward (implicit and hybrid);
@@ -65,7 +68,7 @@ from gdeq_ext.train.distributed import (
     broadcast_module,
     shard,
 )
-from gdeq_ext.train.factories import make_optimizer, make_relaxation, make_scheduler
+from gdeq_ext.train.factories import make_judge, make_optimizer, make_relaxation, make_scheduler
 from gdeq_ext.train.metrics import (
     COLUMNS,
     STEP_FAILURES,
@@ -186,10 +189,11 @@ def fit_relaxation(
     relax = make_relaxation(model, relax_config)
     order = DataOrder(len(train), run.seed)
     memory = PeakMemory(device)
+    judge = make_judge(run)
     evaluate = dict(
         fmax=relax_config.fmax,
         max_steps=relax_config.max_relax_steps,
-        basin_threshold=run.basin_threshold,
+        judge=judge,
         context=context,
     )
 
@@ -302,8 +306,8 @@ def fit_relaxation(
             local = shard(global_indices, context.rank, context.world_size)
             optimizer.zero_grad(set_to_none=True)
             memory.reset()
-            # n, ΔQ, basin, fmax, converged, steps, iterations, skipped, saddles, inexact, solve_failed
-            sums = torch.zeros(11, dtype=torch.float64)
+            # n, ΔQ, basin, fmax, converged, steps, iterations, skipped, saddles, inexact, solve_failed, direct
+            sums = torch.zeros(12, dtype=torch.float64)
             fixed_point_error = -1.0  # "none": a NaN would not survive the all-reduce max
             if local:
                 batch, reference = train.batch(local, dtype=dtype, device=device)
@@ -321,16 +325,18 @@ def fit_relaxation(
                     fixed_point_error = float(
                         torch.nan_to_num(result.fixed_point_error, nan=0.0, posinf=math.inf).max()
                     )
+                verdict = judge(result.positions, reference, batch)
                 sums += torch.stack(
                     [
                         torch.tensor(float(len(local)), dtype=torch.float64),
                         dq.detach().double().sum().cpu(),
-                        correct_basin(result.positions, reference, batch, run.basin_threshold).double().sum().cpu(),
+                        verdict.correct.double().sum(),
                         result.fmax.double().sum().cpu(),
                         result.converged.double().sum().cpu(),
                         result.steps.double().sum().cpu(),
                         iterations.double().sum().cpu() if iterations is not None else torch.tensor(math.nan),
                         *trust,
+                        verdict.direct_correct.double().sum(),
                     ]
                 )
             all_reduce_gradients(params, context)
@@ -360,6 +366,7 @@ def fit_relaxation(
                 None,
                 loss=mean_or_none(float(sums[1]), n),
                 train_basin_rate=mean_or_none(float(sums[2]), n),
+                train_basin_rate_direct=mean_or_none(float(sums[11]), n),
                 train_fmax=mean_or_none(float(sums[3]), n),
                 train_converged=mean_or_none(float(sums[4]), n),
                 relax_steps=mean_or_none(float(sums[5]), n),
