@@ -36,6 +36,7 @@ ASSIGNMENT = {
     "_version": "core",
     "_build_config": "core",
     "_C": "core",
+    "_cuda_toolkit": "core",
     "hardware": "core",
     "compat": "core",
     "seeds": "core",

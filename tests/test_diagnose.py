@@ -39,3 +39,30 @@ def test_competing_minima_and_a_wrong_base_is_headroom(breathing, single_thread)
     # a window much shorter than the relaxation fails condition 4
     short = diagnose(base, breathing, teacher=StillingerWeber(), window=1)
     assert short.verdict == "no headroom" and not short.conditions["relaxation_length"].holds
+
+
+def test_diagnose_command_on_relaxation_pairs(breathing, single_thread, tmp_path, capsys):
+    """#19: python -m gdeq_ext.diagnose PAIRS --model base.pt --teacher sw prints the conditions and writes JSON."""
+    import json
+
+    import torch
+
+    from gdeq_ext.data import RelaxationPair, write_relaxation_pairs
+    from gdeq_ext.diagnose.__main__ import main
+    from gdeq_ext.potentials import MLIP
+
+    pairs = [RelaxationPair(atoms.copy(), atoms.arrays["target"].copy()) for atoms in breathing[:4]]
+    for pair in pairs:
+        pair.start.arrays.pop("target", None)
+    write_relaxation_pairs(tmp_path / "pairs.extxyz", pairs)
+    MLIP(features=8, channels=4, n_radial=4, n_layers=1, hidden=8).to(torch.float64).save(tmp_path / "base.pt")
+    output = tmp_path / "diagnosis.json"
+    argv = [str(tmp_path / "pairs.extxyz"), "--model", str(tmp_path / "base.pt"), "--teacher", "sw"]
+    assert main([*argv, "--window", "5", "--max-steps", "200", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 starts from" in printed and "| 3. base lands in a wrong basin |" in printed, printed
+    assert ("**headroom**" in printed) or ("**no headroom**" in printed)
+    saved = json.loads(output.read_text())
+    assert saved["n_starts"] == 4 and set(saved["conditions"]) >= {"forces", "competing_minima", "wrong_basin"}
+    assert main([str(tmp_path / "missing.extxyz"), "--model", str(tmp_path / "base.pt")]) == 2
+    assert "relaxation pairs file not found" in capsys.readouterr().err
