@@ -12,7 +12,9 @@ import torch
 
 from gdeq_ext.hardware import cpu_name
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # the committed copies (README tables link to them)
+# Where a run writes by default: untracked (runs/ is git-ignored), so running a benchmark leaves `git status` clean.
+OUTPUT = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
 
 
 def machine(device: str) -> dict:

@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    OUTPUT,
     RESULTS,
     fit_and_save,
     machine,
@@ -464,8 +466,16 @@ def main() -> None:
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--model", help="a saved MLIP (default: fit one to SW and cache it)")
-    parser.add_argument("--output", default=str(RESULTS / "memory"), help="prefix of the .json/.png/.md outputs")
-    parser.add_argument("--update-readme", action="store_true", help="copy the table into README.md")
+    parser.add_argument(
+        "--output",
+        default=str(OUTPUT / "memory"),
+        help="prefix of the .json/.png/.md outputs (default runs/benchmarks/memory, untracked)",
+    )
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="also write the committed copies benchmarks/results/memory.{json,md,png} and the README table",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     parser.add_argument("--grad", help=argparse.SUPPRESS)
@@ -494,13 +504,19 @@ def main() -> None:
         records += size_records
         markdown += size_markdown
     output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     write_json(output.with_suffix(".json"), {"machine": info, "arguments": vars(args), "records": records})
     output.with_suffix(".md").write_text(markdown)
     plot(records, info, output.with_suffix(".png"))
     print(markdown)
     print(f"wrote {output}.json, .md, .png")
     if args.update_readme:
+        committed = RESULTS / "memory"
+        for suffix in (".json", ".md", ".png"):
+            if output.with_suffix(suffix).resolve() != committed.with_suffix(suffix).resolve():
+                shutil.copyfile(output.with_suffix(suffix), committed.with_suffix(suffix))
         update_readme_section(README, "memory", markdown)
+        print(f"updated {committed}.json, .md, .png and the README table")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@
 #include <cmath>
 #include <tuple>
 
+#include "gdeq_ext/exact_math.h"
+
 namespace gdeq_ext {
 namespace {
 
@@ -27,16 +29,8 @@ void gather_edges(const scalar_t* pos, const scalar_t* cell, const int64_t* edge
       const int64_t s = system[i];
       TORCH_CHECK(s >= 0 && s < n_systems, "gdeq_ext: atom ", i, " has system index ", s, " outside [0, ", n_systems,
                   ")");
-      const scalar_t* c = cell + 9 * s;
-      const int64_t* S = shifts + 3 * e;
-      scalar_t norm2 = 0;
-      for (int d = 0; d < 3; ++d) {
-        const scalar_t v = pos[3 * j + d] - pos[3 * i + d] + static_cast<scalar_t>(S[0]) * c[d] +
-                           static_cast<scalar_t>(S[1]) * c[3 + d] + static_cast<scalar_t>(S[2]) * c[6 + d];
-        vectors[3 * e + d] = v;
-        norm2 += v * v;
-      }
-      distances[e] = std::sqrt(norm2);
+      // The one formula (gdeq_ext/exact_math.h): the same vector and distance as CUDA and the neighbor list.
+      distances[e] = edge_vector(pos + 3 * i, pos + 3 * j, cell + 9 * s, shifts + 3 * e, vectors + 3 * e);
     }
   });
 }

@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "gdeq_ext/edge_vectors.h"
+#include "gdeq_ext/exact_math.h"
 
 namespace gdeq_ext {
 namespace {
@@ -28,18 +29,9 @@ __global__ void gather_edges_kernel(const scalar_t* __restrict__ pos, const scal
   CUDA_KERNEL_ASSERT(i >= 0 && i < n_atoms && j >= 0 && j < n_atoms);
   const int64_t s = system[i];
   CUDA_KERNEL_ASSERT(s >= 0 && s < n_systems);
-  const scalar_t* c = cell + 9 * s;
-  const scalar_t s0 = static_cast<scalar_t>(shifts[3 * e]);
-  const scalar_t s1 = static_cast<scalar_t>(shifts[3 * e + 1]);
-  const scalar_t s2 = static_cast<scalar_t>(shifts[3 * e + 2]);
-  scalar_t norm2 = 0;
-#pragma unroll
-  for (int d = 0; d < 3; ++d) {
-    const scalar_t v = pos[3 * j + d] - pos[3 * i + d] + s0 * c[d] + s1 * c[3 + d] + s2 * c[6 + d];
-    vectors[3 * e + d] = v;
-    norm2 += v * v;
-  }
-  distances[e] = sqrt(norm2);
+  // The one formula (gdeq_ext/exact_math.h, no FMA contraction): the same vector and distance as the CPU kernel
+  // and the neighbor list's cutoff test.
+  distances[e] = edge_vector(pos + 3 * i, pos + 3 * j, cell + 9 * s, shifts + 3 * e, vectors + 3 * e);
 }
 
 // Cell gradients: every edge of a structure adds to the same 9 numbers, so lanes of a warp that share a

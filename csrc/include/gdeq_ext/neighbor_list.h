@@ -23,12 +23,7 @@
 #include <string>
 
 #include "gdeq_ext/checks.h"
-
-#if defined(__CUDACC__)
-#define GDEQ_HD __host__ __device__ __forceinline__
-#else
-#define GDEQ_HD inline
-#endif
+#include "gdeq_ext/exact_math.h"
 
 namespace gdeq_ext {
 namespace nl {
@@ -93,47 +88,7 @@ struct Grid {
   int error;  // Error of this structure (kOk when usable)
 };
 
-// ------------------------------------------------------------------------ exact arithmetic, host = device
-// nvcc contracts a * b + c into an FMA by default; the _rn intrinsics forbid it, so the device computes the
-// exact test with the same roundings as the host (x86-64 without -mfma never contracts).
-GDEQ_HD double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-GDEQ_HD double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-GDEQ_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-GDEQ_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-GDEQ_HD double sqrt_rn(double a) {
-  return sqrt(a);
-}  // IEEE correctly rounded on host and device
-GDEQ_HD float sqrt_rn(float a) {
-#if defined(__CUDA_ARCH__)
-  return __fsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
+// Exact arithmetic (add_rn, mul_rn, sqrt_rn) and edge_vector(): gdeq_ext/exact_math.h, shared with edge_vectors.
 
 template <typename scalar_t>
 GDEQ_HD double dtype_epsilon() {
@@ -355,18 +310,8 @@ GDEQ_HD int64_t bin_of(const Grid& g, const double* fw) {
 template <typename scalar_t>
 GDEQ_HD bool within_cutoff(const scalar_t* xi, const scalar_t* xj, const scalar_t* cell, const int64_t* shift,
                            scalar_t cutoff) {
-  const scalar_t s0 = static_cast<scalar_t>(shift[0]);
-  const scalar_t s1 = static_cast<scalar_t>(shift[1]);
-  const scalar_t s2 = static_cast<scalar_t>(shift[2]);
-  scalar_t norm2 = 0;
-  for (int d = 0; d < 3; ++d) {
-    scalar_t v = add_rn(xj[d], -xi[d]);
-    v = add_rn(v, mul_rn(s0, cell[d]));
-    v = add_rn(v, mul_rn(s1, cell[3 + d]));
-    v = add_rn(v, mul_rn(s2, cell[6 + d]));
-    norm2 = add_rn(norm2, mul_rn(v, v));
-  }
-  return sqrt_rn(norm2) < cutoff;
+  scalar_t v[3];
+  return edge_vector(xi, xj, cell, shift, v) < cutoff;  // the formula of the edge-vector op, bit for bit
 }
 
 GDEQ_HD uint64_t pack_key(int64_t j, const int64_t* image) {
