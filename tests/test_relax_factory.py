@@ -52,3 +52,10 @@ def test_bptt_parameters_receive_the_only_gradients(morse, morse_cells):
     grads = gradients(BPTTRelax(morse, steps=3, parameters=[morse.D]), morse, morse_cells)
     assert grads["D"] is not None and float(grads["D"].abs()) > 0
     assert grads["a"] is None and grads["r0"] is None
+
+
+def test_potentials_satisfy_the_protocol(morse):
+    from gdeq_ext.potentials import MLIP, PotentialLike, StillingerWeber
+
+    assert all(isinstance(p, PotentialLike) for p in (morse, MLIP(), StillingerWeber()))
+    assert not isinstance(object(), PotentialLike)

@@ -1,6 +1,6 @@
 """Potentials: the common interface, the Stillinger-Weber teacher and the learned MLIP."""
 
-from gdeq_ext.potentials.base import Edges, Potential, energy_forces, hessian_vector_product
+from gdeq_ext.potentials.base import Edges, Potential, PotentialLike, energy_forces, hessian_vector_product
 from gdeq_ext.potentials.force_function import force, recomputed_forces
 from gdeq_ext.potentials.io import PotentialFileError
 from gdeq_ext.potentials.mlip import MLIP, edge_moments
@@ -13,6 +13,7 @@ __all__ = [
     "Edges",
     "Potential",
     "PotentialFileError",
+    "PotentialLike",
     "StillingerWeber",
     "edge_moments",
     "edge_moments_padded",

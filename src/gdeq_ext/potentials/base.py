@@ -9,6 +9,7 @@ our own potentials share: a cutoff, precomputed neighbor lists, ``energy_forces`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -18,11 +19,23 @@ from gdeq_ext.neighbors.edges import Edges
 __all__ = [
     "Edges",
     "Potential",
+    "PotentialLike",
     "call_energy",
     "energy_forces",
     "hessian_vector_product",
     "trainable_parameters",
 ]
+
+
+@runtime_checkable
+class PotentialLike(Protocol):
+    """What every relaxation, gradient and training function accepts as a potential: a callable (usually a
+    ``torch.nn.Module``) mapping a :class:`~gdeq_ext.data.Batch` to per-structure energies (n_systems,) in eV,
+    differentiable in ``batch.positions`` (and in its parameters, for training). Forces and Hessian-vector
+    products come from autograd. A :class:`Potential` (with ``cutoff`` and ``energy(batch, edges)``) additionally
+    gets the relaxations' shared Verlet list; see docs/architecture.md, "A new potential"."""
+
+    def __call__(self, batch: Batch) -> torch.Tensor: ...
 
 
 class Potential(torch.nn.Module):

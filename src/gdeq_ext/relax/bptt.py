@@ -8,6 +8,7 @@ import torch
 
 from gdeq_ext.data.batch import Batch
 from gdeq_ext.gradients.implicit_function import check_positive
+from gdeq_ext.potentials.base import PotentialLike
 from gdeq_ext.relax.checks import check_finite, structure_fmax
 from gdeq_ext.relax.forces import ForceFn, default_force_fn, edges_for, make_verlet
 from gdeq_ext.relax.result import RelaxResult
@@ -44,7 +45,7 @@ class BPTTRelax:
 
     def __init__(
         self,
-        potential,
+        potential: PotentialLike,
         steps: int = 50,
         *,
         alpha: float = 0.01,

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from gdeq_ext.potentials.base import PotentialLike
 from gdeq_ext.relax.bptt import BPTTRelax
 from gdeq_ext.relax.fire import FIREParameters
 from gdeq_ext.relax.forces import ForceFn
@@ -81,7 +82,7 @@ class RelaxOptions:
 
 
 def build_relaxation(
-    potential,
+    potential: PotentialLike,
     options: RelaxOptions | None = None,
     *,
     force_fn: ForceFn | None = None,

@@ -9,6 +9,7 @@ import torch
 
 from gdeq_ext.data.batch import Batch
 from gdeq_ext.gradients.implicit_function import check_positive
+from gdeq_ext.potentials.base import PotentialLike
 from gdeq_ext.relax.fire import FIREParameters
 from gdeq_ext.relax.forces import ForceFn, make_verlet
 from gdeq_ext.relax.implicit import ImplicitRelax
@@ -48,7 +49,7 @@ class HybridRelax(ImplicitRelax):
 
     def __init__(
         self,
-        potential,
+        potential: PotentialLike,
         window: int = 10,
         *,
         fmax: float = 0.01,

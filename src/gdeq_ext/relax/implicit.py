@@ -14,6 +14,7 @@ from gdeq_ext.gradients.implicit_function import (
     attach_implicit,
     check_positive,
 )
+from gdeq_ext.potentials.base import PotentialLike
 from gdeq_ext.relax.fire import FIREParameters, FIREResult, fire
 from gdeq_ext.relax.forces import ForceFn, default_force_fn, make_verlet, trainable_parameters
 from gdeq_ext.relax.polish import PolishOptions, PolishResult, polish
@@ -60,7 +61,7 @@ class ImplicitRelax:
 
     def __init__(
         self,
-        potential,
+        potential: PotentialLike,
         *,
         fmax: float = 0.01,
         max_steps: int = 1000,
