@@ -334,6 +334,7 @@ def test_mismatched_devices_shapes_and_dtypes():
         gdeq_ext.neighbor_list((positions, cell, pbc, torch.tensor([7, -1])), 2.0)
 
 
+@pytest.mark.cuda
 @requires_cuda()
 @requires_kernel
 def test_mismatched_devices_cuda():
@@ -354,6 +355,7 @@ def test_fake_tensor_registration():
 
 
 # ------------------------------------------------------------------------------------------ CPU <-> CUDA
+@pytest.mark.cuda
 @requires_cuda()
 @requires_kernel
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -370,6 +372,7 @@ def test_cpu_and_cuda_outputs_are_identical(dtype):
     assert_same(gdeq_ext.neighbor_list(silicon.to("cuda"), 5.0), gdeq_ext.neighbor_list(silicon, 5.0))
 
 
+@pytest.mark.cuda
 @requires_cuda()
 @requires_kernel
 def test_cuda_buffer_overflow_grows_and_retries():
@@ -381,6 +384,7 @@ def test_cuda_buffer_overflow_grows_and_retries():
         assert_same(run_kernel(*[t.cuda() for t in tensors], 6.0, initial_capacity=capacity), want)
 
 
+@pytest.mark.cuda
 @requires_cuda()
 @requires_kernel
 def test_cuda_errors_name_the_structure():
@@ -389,6 +393,7 @@ def test_cuda_errors_name_the_structure():
             run_kernel(*_bad_batch(problem, "cuda"), 2.0)
 
 
+@pytest.mark.cuda
 @requires_cuda()
 @requires_kernel
 def test_cuda_call_synchronizes_once():

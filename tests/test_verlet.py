@@ -146,6 +146,7 @@ def test_max_step_mode_decides_one_call_ahead(device):
     assert within_cutoff(batch, edges) == fresh(batch)
 
 
+@pytest.mark.cuda
 @requires_cuda()
 def test_reused_list_on_gpu_needs_no_host_sync_with_max_step():
     batch = make_batch("cuda", seed=6)
