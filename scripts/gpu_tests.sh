@@ -25,8 +25,8 @@ grep -E '\[gdeq_ext build\]|Successfully' "$build_log" || true   # display only:
 "$python" -P -c "import gdeq_ext, json; print(json.dumps(gdeq_ext.build_info(), indent=1))"
 "$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; print(torch.cuda.get_device_name())"
 # -P: do not put the source tree on sys.path, so the installed package (with its compiled kernels) is imported.
-# -k "cuda or gpu": every CUDA test is marked cuda (tests that need a GPU and lack the marker would still be caught
-# parity among them); -k matches marker names too, so this is a superset of -m cuda.
+# -k "cuda or gpu": every CUDA test is marked cuda; -k matches marker names and test names, so a GPU test that
+# lost its marker is still run (a superset of -m cuda).
 "$python" -P -m pytest -p no:cacheprovider -ra -k "cuda or gpu" "$@" tests
 if command -v compute-sanitizer >/dev/null; then
   compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
