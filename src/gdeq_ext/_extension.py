@@ -27,7 +27,6 @@ __all__ = [
     "ExtensionVersionError",
     "build_info",
     "compiled_op",
-    "has_kernel",
     "op_defined",
     "warn_fallback",
 ]
@@ -146,11 +145,6 @@ def compiled_op(op_name: str, device: torch.device | str) -> bool:
             and dispatch_has_kernel(f"gdeq_ext::{op_name}", dispatch_key)
         )
     return _COMPILED[key]
-
-
-def has_kernel(op_name: str, device: torch.device) -> bool:
-    """Same as :func:`compiled_op` (kept for callers of the earlier name)."""
-    return compiled_op(op_name, device)
 
 
 def build_info() -> dict:

@@ -218,8 +218,8 @@ def fit_relaxation(
             raise CheckpointError(str(loaded))
     if run.resume == "always" and loaded is None:
         raise FileNotFoundError(f"train.resume = 'always' but there is no checkpoint in {output_dir}/checkpoints")
-    existing = find_checkpoint(output_dir) if context.is_main else None
-    if run.resume == "never" and existing is not None:
+    existing = find_checkpoint(output_dir) if context.is_main and run.resume == "never" else None
+    if existing is not None:
         raise FileExistsError(
             f"{output_dir} already holds checkpoints ({existing}) and train.resume = 'never': choose "
             f"another output_dir or resume"
