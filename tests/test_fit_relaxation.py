@@ -501,3 +501,26 @@ def test_resume_from_a_checkpoint_written_before_a_setting_existed(tmp_path, pai
     assert fit_relaxation(MLIP.load(base_path), pairs, output_dir=out, **dict(settings, steps=2)).resumed_from == 1
     with pytest.raises(ConfigError, match=r"relax.skin was 0.5 and is now 0.3"):
         fit_relaxation(MLIP.load(base_path), pairs, output_dir=out, **dict(settings, steps=3, skin=0.3))
+
+
+def test_guidance_loss_adds_the_window_term_and_needs_a_window(pairs, base_path):
+    """relax.guidance w: the hybrid's objective is ΔQ(X*) + w ΔQ(X_K); the reported loss stays ΔQ(X*)."""
+    settings = {**SETTINGS, "steps": 1, "eval_every": 0, "eval_train": False, "mode": "hybrid", "handoff": 0.0}
+    plain, guided = MLIP.load(base_path), MLIP.load(base_path)
+    first = fit_relaxation(plain, pairs, **settings)
+    second = fit_relaxation(guided, pairs, guidance=1.0, **settings)
+    assert first.history[-1]["loss"] == pytest.approx(second.history[-1]["loss"], rel=1e-12)  # same X*, same ΔQ
+    assert first.history[-1]["grad_norm"] != second.history[-1]["grad_norm"]  # the window term adds a gradient
+    with pytest.raises(ConfigError, match=r"relax.guidance = 1.0 needs a window: mode 'hybrid'.*got mode 'implicit'"):
+        fit_relaxation(MLIP.load(base_path), pairs, guidance=1.0, **{**settings, "mode": "implicit"})
+    with pytest.raises(ConfigError, match=r"relax.guidance = -1.0 must be >= 0"):
+        fit_relaxation(MLIP.load(base_path), pairs, guidance=-1.0, **settings)
+
+
+def test_gradient_clip_is_on_by_default_and_zero_turns_it_off():
+    from gdeq_ext.train.config import Config
+
+    assert Config().optim.grad_clip == 1.0
+    assert Config.from_dict({"optim": {"grad_clip": 0}}).optim.grad_clip == 0
+    with pytest.raises(ConfigError, match=r"optim.grad_clip = -1.0 must be >= 0"):
+        Config.from_dict({"optim": {"grad_clip": -1.0}})

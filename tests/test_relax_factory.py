@@ -59,3 +59,34 @@ def test_potentials_satisfy_the_protocol(morse):
 
     assert all(isinstance(p, PotentialLike) for p in (morse, MLIP(), StillingerWeber()))
     assert not isinstance(object(), PotentialLike)
+
+
+def test_option_objects_are_shared_and_flat_fields_route_to_their_owner(morse, morse_cells):
+    from gdeq_ext.gradients.implicit_function import ImplicitSolveOptions
+    from gdeq_ext.relax import FIREOptions, FIREParameters, WindowOptions
+    from gdeq_ext.relax.options import BPTT_STEPS, DEFAULT_ALPHA
+
+    window = WindowOptions(steps=3, alpha=0.02, checkpoint=False)
+    fire = FIREOptions(fmax=1e-6, max_steps=300)
+    solve = ImplicitSolveOptions(rtol=1e-8)
+    objects = HybridRelax(morse, window, fire=fire, solve=solve, warn=False)
+    flat = HybridRelax(morse, 3, alpha=0.02, checkpoint=False, fmax=1e-6, max_steps=300, rtol=1e-8, warn=False)
+    assert objects.window_options == flat.window_options == window
+    assert objects.fire_options == flat.fire_options == fire and objects.options == flat.options
+    ours, theirs = gradients(objects, morse, morse_cells), gradients(flat, morse, morse_cells)
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items())
+    # the window object is the same type for BPTT; its own default keeps all T graphs (the baseline)
+    bptt = BPTTRelax(morse)
+    assert (bptt.steps, bptt.alpha, bptt.checkpoint) == (BPTT_STEPS, DEFAULT_ALPHA, False)
+    assert BPTTRelax(morse, WindowOptions(steps=4)).checkpoint is True
+    # the argument's earlier form, FIREParameters, still works
+    legacy = ImplicitRelax(morse, fire=FIREParameters(dt=0.05), fmax=1e-3)
+    assert legacy.fire_parameters.dt == 0.05 and legacy.fmax == 1e-3
+    # the relaxation's warn / on_invalid are the solve's
+    assert ImplicitRelax(morse, solve=solve, on_invalid="skip", warn=False).options.on_invalid == "skip"
+    with pytest.raises(TypeError, match=r"HybridRelax\(\) got an unexpected keyword argument 'fmx'; option fields"):
+        HybridRelax(morse, fmx=1e-3)
+    with pytest.raises(TypeError, match=r"BPTTRelax\(\) got an unexpected keyword argument 'rtol'"):
+        BPTTRelax(morse, rtol=1e-3)
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+        WindowOptions(alpha=float("nan"))

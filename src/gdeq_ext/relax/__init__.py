@@ -6,6 +6,7 @@ from gdeq_ext.relax.factory import MODES, RelaxOptions, build_relaxation
 from gdeq_ext.relax.fire import FIREParameters, FIREResult, fire
 from gdeq_ext.relax.hybrid import HybridRelax
 from gdeq_ext.relax.implicit import ImplicitRelax
+from gdeq_ext.relax.options import FIREOptions, WindowOptions
 from gdeq_ext.relax.polish import PolishOptions, PolishResult, polish
 from gdeq_ext.relax.result import RelaxResult
 from gdeq_ext.relax.validity import Validity, apply_policy
@@ -14,6 +15,7 @@ from gdeq_ext.relax.window import capped_step, run_window
 __all__ = [
     "MODES",
     "BPTTRelax",
+    "FIREOptions",
     "FIREParameters",
     "FIREResult",
     "HybridRelax",
@@ -25,6 +27,7 @@ __all__ = [
     "RelaxResult",
     "RelaxationWarning",
     "Validity",
+    "WindowOptions",
     "apply_policy",
     "build_relaxation",
     "capped_step",

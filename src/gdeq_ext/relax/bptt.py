@@ -11,6 +11,7 @@ from gdeq_ext.gradients.implicit_function import check_positive
 from gdeq_ext.potentials.base import PotentialLike
 from gdeq_ext.relax.checks import check_finite, structure_fmax
 from gdeq_ext.relax.forces import ForceFn, default_force_fn, edges_for, make_verlet
+from gdeq_ext.relax.options import BPTT_STEPS, FIREOptions, WindowOptions, route_fields
 from gdeq_ext.relax.result import RelaxResult
 from gdeq_ext.relax.window import run_window
 
@@ -28,15 +29,15 @@ class BPTTRelax:
 
     Args:
         potential: any module mapping a Batch to energies (n_systems,) eV.
-        steps: T >= 0 (default 50).
-        alpha: Å²/eV step of the map (default 0.01, FIRE's first step from rest).
-        maxstep: Å per-atom cap (default 0.2).
-        fmax: eV/Å, only for the ``converged`` report at X_T (default 0.05).
-        checkpoint: recompute each step's graph in backward (default False); bit-identical gradients.
+        steps: T >= 0 (default 100), or a :class:`~gdeq_ext.relax.options.WindowOptions` (steps T, alpha 0.03
+            Å²/eV, maxstep 0.2 Å; checkpoint False here: all T graphs are stored, the baseline's memory; True
+            recomputes each step's graph in backward, bit-identical gradients).
+        fmax: eV/Å, only for the ``converged`` report at X_T (default 0.01, FIRE's).
         skin: Å, Verlet skin for our own potentials (default 0.5).
         force_fn: the force evaluation (default autograd through the potential; see relax/forces.py).
         parameters: θ, the tensors that receive gradients (default: the potential's trainable parameters), as in
             :class:`ImplicitRelax` and :class:`HybridRelax`; no other tensor the potential captures gets one.
+        **fields: any field of the window (alpha, maxstep, checkpoint) by name.
 
     Calling it on a Batch returns :class:`RelaxResult` whose ``positions`` X_T carry the full graph;
     ``steps`` is T for every structure, ``converged`` says whether fmax(X_T) < ``fmax`` (no warning:
@@ -46,30 +47,31 @@ class BPTTRelax:
     def __init__(
         self,
         potential: PotentialLike,
-        steps: int = 50,
+        steps: int | WindowOptions = BPTT_STEPS,
         *,
-        alpha: float = 0.01,
-        maxstep: float = 0.2,
-        fmax: float = 0.05,
-        checkpoint: bool = False,
-        skin: float = 0.5,
+        fmax: float = FIREOptions.fmax,
+        skin: float = FIREOptions.skin,
         force_fn: ForceFn | None = None,
         parameters: Sequence[torch.Tensor] | None = None,
+        **fields,
     ):
-        check_positive("steps", steps, allow_zero=True, integer=True)
-        check_positive("alpha", alpha)
-        check_positive("maxstep", maxstep)
+        if not isinstance(steps, WindowOptions):
+            check_positive("steps", steps, allow_zero=True, integer=True)
+            steps = WindowOptions(steps=int(steps), checkpoint=False)
         check_positive("fmax", fmax, allow_zero=True)  # 0: never stop early
         check_positive("skin", skin, allow_zero=True)
+        self.window_options: WindowOptions = route_fields(type(self).__name__, {"window": steps}, fields)["window"]
         self.potential = potential
-        self.steps = int(steps)
-        self.alpha = float(alpha)
-        self.maxstep = float(maxstep)
         self.fmax = float(fmax)
-        self.checkpoint = checkpoint
         self.skin = float(skin)
         self.force_fn = default_force_fn(force_fn)
         self.parameters = None if parameters is None else list(parameters)
+
+    # The window settings by name (read-only views of ``window_options``).
+    steps = property(lambda self: self.window_options.steps)
+    alpha = property(lambda self: self.window_options.alpha)
+    maxstep = property(lambda self: self.window_options.maxstep)
+    checkpoint = property(lambda self: self.window_options.checkpoint)
 
     def __call__(self, batch: Batch) -> RelaxResult:
         verlet = make_verlet(self.potential, self.skin)

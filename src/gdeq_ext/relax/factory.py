@@ -1,8 +1,9 @@
 """One relaxation factory: :class:`RelaxOptions` and :func:`build_relaxation`, shared by training, the benchmarks and
 every script, so that "the public API" and "what the benchmark ran" are the same code path.
 
-The defaults here are the relaxation classes' own (:class:`BPTTRelax`, :class:`ImplicitRelax`,
-:class:`HybridRelax`), stated once; the training config (``[relax]``) maps onto these fields one to one.
+:class:`RelaxOptions` is the flat, config-shaped view of the option objects of :mod:`gdeq_ext.relax.options`
+(window, FIRE, implicit solve, polish); its defaults are theirs (stated once there, with the measurements behind
+them), and the training config (``[relax]``) maps onto its fields one to one.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from gdeq_ext.gradients.implicit_function import ImplicitSolveOptions
 from gdeq_ext.potentials.base import PotentialLike
 from gdeq_ext.relax.bptt import BPTTRelax
 from gdeq_ext.relax.fire import FIREParameters
 from gdeq_ext.relax.forces import ForceFn
 from gdeq_ext.relax.hybrid import HybridRelax
 from gdeq_ext.relax.implicit import ImplicitRelax
+from gdeq_ext.relax.options import BPTT_STEPS, DEFAULT_ALPHA, HYBRID_WINDOW, FIREOptions, WindowOptions
 from gdeq_ext.relax.polish import PolishOptions
 
 __all__ = ["MODES", "RelaxOptions", "build_relaxation"]
@@ -32,11 +35,11 @@ class RelaxOptions:
     Attributes:
         mode: "hybrid" (default: K differentiated steps, then FIRE to the fixed point and its implicit gradient),
             "implicit" (FIRE, implicit gradient) or "bptt" (T differentiated steps).
-        window: K of the hybrid mode (default 10). bptt_steps: T of the bptt mode (default 50).
+        window: K of the hybrid mode (default 10). bptt_steps: T of the bptt mode (default 100).
         handoff: β, the weight of the window's hand-off gradient in the hybrid (default 1.0).
         fmax: eV/Å, FIRE's tolerance (default 0.01; for bptt only whether ``converged`` is reported).
         max_steps: FIRE steps per structure at most (default 1000; implicit and hybrid).
-        alpha: Å²/eV, step of the differentiated map X + αF (default 0.01); maxstep: Å, its per-atom cap (0.2).
+        alpha: Å²/eV, step of the differentiated map X + αF (default 0.03); maxstep: Å, its per-atom cap (0.2).
         checkpoint: recompute the differentiated steps in backward (bit-identical gradients, less memory);
             None (default) keeps each mode's own default: on for the hybrid, off for bptt.
         solver: "cg" (default), "minres" or "fixed_point"; rtol (1e-6), atol (0), max_iter (None: the solver's
@@ -48,13 +51,13 @@ class RelaxOptions:
     """
 
     mode: str = "hybrid"
-    window: int = 10
-    bptt_steps: int = 50
+    window: int = HYBRID_WINDOW
+    bptt_steps: int = BPTT_STEPS
     handoff: float = 1.0
-    fmax: float = 0.01
-    max_steps: int = 1000
-    alpha: float = 0.01
-    maxstep: float = 0.2
+    fmax: float = FIREOptions.fmax
+    max_steps: int = FIREOptions.max_steps
+    alpha: float = DEFAULT_ALPHA
+    maxstep: float = WindowOptions.maxstep
     checkpoint: bool | None = None
     solver: str = "cg"
     rtol: float = 1e-6
@@ -64,7 +67,7 @@ class RelaxOptions:
     project_rotations: bool = True
     fixed_point_alpha: float = 0.01
     fire: FIREParameters | None = None
-    skin: float = 0.5
+    skin: float = FIREOptions.skin
     polish: PolishOptions = field(default_factory=PolishOptions)
     on_invalid: str = "warn"
     warn: bool = True
@@ -79,6 +82,28 @@ class RelaxOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def window_options(self, steps: int, checkpoint: bool) -> WindowOptions:
+        """The differentiated map's :class:`WindowOptions` with ``steps`` (K or T) and ``checkpoint``."""
+        return WindowOptions(steps=steps, alpha=self.alpha, maxstep=self.maxstep, checkpoint=checkpoint)
+
+    def fire_options(self) -> FIREOptions:
+        return FIREOptions(
+            fmax=self.fmax, max_steps=self.max_steps, skin=self.skin, parameters=self.fire or FIREParameters()
+        )
+
+    def solve_options(self) -> ImplicitSolveOptions:
+        return ImplicitSolveOptions(
+            solver=self.solver,
+            rtol=self.rtol,
+            atol=self.atol,
+            max_iter=self.max_iter,
+            damping=self.damping,
+            project_rotations=self.project_rotations,
+            fixed_point_alpha=self.fixed_point_alpha,
+            warn=self.warn,
+            on_invalid=self.on_invalid,
+        )
 
 
 def build_relaxation(
@@ -99,45 +124,21 @@ def build_relaxation(
         parameters: θ, the tensors that receive gradients (default: the potential's trainable parameters).
     """
     options = (options or RelaxOptions()).replace(**changes) if changes else (options or RelaxOptions())
-    checkpoint = {} if options.checkpoint is None else {"checkpoint": options.checkpoint}
+    common = dict(force_fn=force_fn, parameters=parameters)
     if options.mode == "bptt":
-        return BPTTRelax(
-            potential,
-            steps=options.bptt_steps,
-            alpha=options.alpha,
-            maxstep=options.maxstep,
-            fmax=options.fmax,
-            skin=options.skin,
-            force_fn=force_fn,
-            parameters=parameters,
-            **checkpoint,
-        )
-    common = dict(
-        fmax=options.fmax,
-        max_steps=options.max_steps,
-        solver=options.solver,
-        rtol=options.rtol,
-        atol=options.atol,
-        max_iter=options.max_iter,
-        damping=options.damping,
-        project_rotations=options.project_rotations,
-        fixed_point_alpha=options.fixed_point_alpha,
-        fire=options.fire,
-        skin=options.skin,
-        force_fn=force_fn,
-        parameters=parameters,
-        warn=options.warn,
+        window = options.window_options(options.bptt_steps, checkpoint=bool(options.checkpoint))
+        return BPTTRelax(potential, window, fmax=options.fmax, skin=options.skin, **common)
+    implicit = dict(
+        fire=options.fire_options(),
+        solve=options.solve_options(),
         polish=options.polish,
+        warn=options.warn,
         on_invalid=options.on_invalid,
+        **common,
     )
     if options.mode == "implicit":
-        return ImplicitRelax(potential, **common)
+        return ImplicitRelax(potential, **implicit)
+    checkpoint = True if options.checkpoint is None else options.checkpoint
     return HybridRelax(
-        potential,
-        window=options.window,
-        handoff=options.handoff,
-        alpha=options.alpha,
-        maxstep=options.maxstep,
-        **checkpoint,
-        **common,
+        potential, options.window_options(options.window, checkpoint), handoff=options.handoff, **implicit
     )

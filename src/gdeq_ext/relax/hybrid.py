@@ -8,11 +8,12 @@ from collections.abc import Sequence
 import torch
 
 from gdeq_ext.data.batch import Batch
-from gdeq_ext.gradients.implicit_function import check_positive
+from gdeq_ext.gradients.implicit_function import ImplicitSolveOptions, check_positive
 from gdeq_ext.potentials.base import PotentialLike
 from gdeq_ext.relax.fire import FIREParameters
 from gdeq_ext.relax.forces import ForceFn, make_verlet
 from gdeq_ext.relax.implicit import ImplicitRelax
+from gdeq_ext.relax.options import HYBRID_WINDOW, FIREOptions, WindowOptions, route_fields
 from gdeq_ext.relax.polish import PolishOptions
 from gdeq_ext.relax.result import RelaxResult
 from gdeq_ext.relax.window import run_window
@@ -35,14 +36,14 @@ class HybridRelax(ImplicitRelax):
 
     Args:
         potential: any module mapping a Batch to energies (n_systems,) eV.
-        window: K >= 0 differentiated steps (default 10).
-        fmax, max_steps: FIRE tolerance (eV/Å, default 0.01) and step limit after the window (default 1000).
+        window: K >= 0 differentiated steps (default 10), or a :class:`~gdeq_ext.relax.options.WindowOptions`
+            (steps K, alpha 0.03 Å²/eV, maxstep 0.2 Å, checkpoint True: each window step's graph is recomputed in
+            backward, O(1) graphs of memory; ``checkpoint=False`` stores the K graphs; the gradients are
+            bit-identical).
         handoff: β (default 1.0).
-        checkpoint: recompute each window step's graph in backward (default True); ``False`` stores the K graphs
-            (faster backward, O(K) graphs of memory); the gradients are bit-identical.
-        alpha: Å²/eV window step (default 0.01); maxstep: Å per-atom cap (default 0.2).
-        the remaining keyword arguments: as :class:`ImplicitRelax` (solver, rtol, atol, max_iter, damping,
-            project_rotations, fixed_point_alpha, fire, skin, force_fn, parameters, warn, polish, on_invalid).
+        fire, solve, polish, force_fn, parameters, warn, on_invalid: as :class:`ImplicitRelax`.
+        **fields: any field of the window (alpha, maxstep, checkpoint), ``fire`` (fmax, max_steps, skin) or
+            ``solve`` (solver, rtol, atol, max_iter, damping, project_rotations, fixed_point_alpha) by name.
 
     ``RelaxResult.steps`` counts window and FIRE steps together.
     """
@@ -50,58 +51,44 @@ class HybridRelax(ImplicitRelax):
     def __init__(
         self,
         potential: PotentialLike,
-        window: int = 10,
+        window: int | WindowOptions = HYBRID_WINDOW,
         *,
-        fmax: float = 0.01,
-        max_steps: int = 1000,
         handoff: float = 1.0,
-        checkpoint: bool = True,
-        alpha: float = 0.01,
-        maxstep: float = 0.2,
-        solver: str = "cg",
-        rtol: float = 1e-6,
-        atol: float = 0.0,
-        max_iter: int | None = None,
-        damping: float = 0.0,
-        project_rotations: bool = True,
-        fixed_point_alpha: float = 0.01,
-        fire: FIREParameters | None = None,
-        skin: float = 0.5,
+        fire: FIREOptions | FIREParameters | None = None,
+        solve: ImplicitSolveOptions | None = None,
+        polish: PolishOptions | None = None,
         force_fn: ForceFn | None = None,
         parameters: Sequence[torch.Tensor] | None = None,
         warn: bool = True,
-        polish: PolishOptions | None = None,
         on_invalid: str = "warn",
+        **fields,
     ):
+        if not isinstance(window, WindowOptions):
+            check_positive("window", window, allow_zero=True, integer=True)
+            window = WindowOptions(steps=int(window))
+        window_fields = {k: fields.pop(k) for k in list(fields) if k in WindowOptions.__dataclass_fields__}
+        window = route_fields(type(self).__name__, {"window": window}, window_fields)["window"]
         super().__init__(
             potential,
-            fmax=fmax,
-            max_steps=max_steps,
-            solver=solver,
-            rtol=rtol,
-            atol=atol,
-            max_iter=max_iter,
-            damping=damping,
-            project_rotations=project_rotations,
-            fixed_point_alpha=fixed_point_alpha,
             fire=fire,
-            skin=skin,
+            solve=solve,
+            polish=polish,
             force_fn=force_fn,
             parameters=parameters,
             warn=warn,
-            polish=polish,
             on_invalid=on_invalid,
+            **fields,
         )
-        check_positive("window", window, allow_zero=True, integer=True)
-        check_positive("alpha", alpha)
-        check_positive("maxstep", maxstep)
         if not math.isfinite(handoff):
             raise ValueError(f"handoff must be a finite number, got {handoff!r}")
-        self.window = int(window)
+        self.window_options: WindowOptions = window
         self.handoff = float(handoff)
-        self.checkpoint = checkpoint
-        self.alpha = float(alpha)
-        self.maxstep = float(maxstep)
+
+    # The window settings by name (read-only views of ``window_options``).
+    window = property(lambda self: self.window_options.steps)
+    alpha = property(lambda self: self.window_options.alpha)
+    maxstep = property(lambda self: self.window_options.maxstep)
+    checkpoint = property(lambda self: self.window_options.checkpoint)
 
     def __call__(self, batch: Batch) -> RelaxResult:
         verlet = make_verlet(self.potential, self.skin)

@@ -7,16 +7,11 @@ from collections.abc import Sequence
 import torch
 
 from gdeq_ext.data.batch import Batch
-from gdeq_ext.gradients.implicit_function import (
-    ImplicitContext,
-    ImplicitSolveOptions,
-    SolveRecord,
-    attach_implicit,
-    check_positive,
-)
+from gdeq_ext.gradients.implicit_function import ImplicitContext, ImplicitSolveOptions, SolveRecord, attach_implicit
 from gdeq_ext.potentials.base import PotentialLike
 from gdeq_ext.relax.fire import FIREParameters, FIREResult, fire
 from gdeq_ext.relax.forces import ForceFn, default_force_fn, make_verlet, trainable_parameters
+from gdeq_ext.relax.options import FIREOptions, as_fire_options, route_fields, solve_options
 from gdeq_ext.relax.polish import PolishOptions, PolishResult, polish
 from gdeq_ext.relax.result import RelaxResult
 from gdeq_ext.relax.validity import Validity, apply_policy
@@ -38,72 +33,57 @@ class ImplicitRelax:
 
     Args:
         potential: any module mapping a Batch to energies (n_systems,) eV.
-        fmax: eV/Å force tolerance per structure (default 0.01).
-        max_steps: FIRE steps per structure at most (default 1000); structures that hit it are reported
-            (``converged`` False and a RelaxationWarning naming them), never silently accepted.
-        solver: "cg" (default, MINRES retry where H is not positive definite), "minres" or "fixed_point".
-        rtol, atol: tolerance of the Hessian solve per structure (default 1e-6 relative to ||g||).
-        max_iter: Hessian-vector products per structure at most (default 30 n_atoms + 10).
-        damping: eV/Å², solve (H + λI) u = g (default 0).
-        project_rotations: project rigid rotations of non-periodic structures too (default True).
-        fixed_point_alpha: Å²/eV, α of solver="fixed_point" (default 0.01).
-        fire: :class:`FIREParameters` (default ASE's).
-        skin: Å, Verlet skin for our own potentials (default 0.5).
+        fire: :class:`~gdeq_ext.relax.options.FIREOptions` (default: fmax 0.01 eV/Å, max_steps 1000, skin 0.5 Å,
+            ASE's FIRE parameters; a :class:`FIREParameters` is accepted as ``FIREOptions(parameters=...)``).
+            Structures that hit ``max_steps`` are reported (``converged`` False and a RelaxationWarning naming
+            them), never silently accepted.
+        solve: :class:`~gdeq_ext.gradients.implicit_function.ImplicitSolveOptions` (default: "cg" with a MINRES
+            retry where H is not positive definite, rtol 1e-6, atol 0, max_iter 30 n_atoms + 10, damping 0,
+            rigid rotations of non-periodic structures projected out).
+        polish: :class:`~gdeq_ext.relax.polish.PolishOptions` (default: Newton polish to 1e-5 Å and a 20-step
+            lowest-curvature check); ``PolishOptions(newton_steps=0, curvature_steps=0)`` turns both off.
         force_fn: the force evaluation (see relax/forces.py).
         parameters: tensors θ that get implicit gradients (default: the potential's parameters that
             require grad).
         warn: warn about unconverged relaxations, invalid structures and linear solves (default True).
-        polish: :class:`~gdeq_ext.relax.polish.PolishOptions` (default: Newton polish to 1e-5 Å and a 20-step
-            lowest-curvature check); ``PolishOptions(newton_steps=0, curvature_steps=0)`` turns both off.
         on_invalid: "raise" | "skip" | "warn" (default "warn"): what a structure that did not converge, is not at an
             exact fixed point, is a saddle, or whose backward solve failed does to the gradient.
+        **fields: any field of ``fire`` (fmax, max_steps, skin) or ``solve`` (solver, rtol, atol, max_iter,
+            damping, project_rotations, fixed_point_alpha) by name: ``ImplicitRelax(model, fmax=1e-3, rtol=1e-8)``.
     """
 
     def __init__(
         self,
         potential: PotentialLike,
         *,
-        fmax: float = 0.01,
-        max_steps: int = 1000,
-        solver: str = "cg",
-        rtol: float = 1e-6,
-        atol: float = 0.0,
-        max_iter: int | None = None,
-        damping: float = 0.0,
-        project_rotations: bool = True,
-        fixed_point_alpha: float = 0.01,
-        fire: FIREParameters | None = None,
-        skin: float = 0.5,
+        fire: FIREOptions | FIREParameters | None = None,
+        solve: ImplicitSolveOptions | None = None,
+        polish: PolishOptions | None = None,
         force_fn: ForceFn | None = None,
         parameters: Sequence[torch.Tensor] | None = None,
         warn: bool = True,
-        polish: PolishOptions | None = None,
         on_invalid: str = "warn",
+        **fields,
     ):
-        check_positive("fmax", fmax, allow_zero=True)  # 0: never stop early
-        check_positive("max_steps", max_steps, allow_zero=True, integer=True)
-        check_positive("skin", skin, allow_zero=True)
+        options = route_fields(
+            type(self).__name__,
+            {"fire": as_fire_options(fire), "solve": solve_options(solve, warn, on_invalid)},
+            fields,
+        )
         self.potential = potential
-        self.fmax = float(fmax)
-        self.max_steps = int(max_steps)
+        self.fire_options: FIREOptions = options["fire"]
+        self.options: ImplicitSolveOptions = options["solve"]
         self.polish = polish or PolishOptions()
         self.on_invalid = on_invalid
-        self.options = ImplicitSolveOptions(
-            solver=solver,
-            rtol=rtol,
-            atol=atol,
-            max_iter=max_iter,
-            damping=damping,
-            project_rotations=project_rotations,
-            fixed_point_alpha=fixed_point_alpha,
-            warn=warn,
-            on_invalid=on_invalid,
-        )
-        self.fire_parameters = fire or FIREParameters()
-        self.skin = float(skin)
         self.force_fn = default_force_fn(force_fn)
         self.parameters = parameters
         self.warn = warn
+
+    # The FIRE settings by name (read-only views of ``fire_options``).
+    fmax = property(lambda self: self.fire_options.fmax)
+    max_steps = property(lambda self: self.fire_options.max_steps)
+    skin = property(lambda self: self.fire_options.skin)
+    fire_parameters = property(lambda self: self.fire_options.parameters)
 
     def _solve(self, batch: Batch, verlet, step_offset: int = 0) -> tuple[FIREResult, PolishResult]:
         """FIRE to fmax, then the Newton polish and curvature check of the converged structures."""

@@ -28,6 +28,7 @@ from gdeq_ext.data.batch import Batch
 from gdeq_ext.neighbors.verlet import VerletList
 from gdeq_ext.relax.checks import check_finite
 from gdeq_ext.relax.forces import ForceFn, default_force_fn, edges_for, trainable_parameters
+from gdeq_ext.relax.options import DEFAULT_ALPHA
 
 __all__ = ["capped_step", "run_window"]
 
@@ -49,7 +50,7 @@ def run_window(
     batch: Batch,
     steps: int,
     *,
-    alpha: float = 0.01,
+    alpha: float = DEFAULT_ALPHA,
     maxstep: float = 0.2,
     verlet: VerletList | None = None,
     force_fn: ForceFn | None = None,
@@ -62,7 +63,7 @@ def run_window(
         potential: any potential; its parameters receive gradients through the states.
         batch: start X_0 = ``batch.positions`` (n_atoms, 3) Å; if it requires grad, so do the states.
         steps: K >= 0.
-        alpha: Å²/eV, step of the map X + αF (default 0.01 = FIRE's first step dt0² from rest).
+        alpha: Å²/eV, step of the map X + αF (default 0.03: :mod:`gdeq_ext.relax.options`).
         maxstep: Å, per-atom cap (default 0.2, ASE's).
         verlet: neighbor list reused across steps, or None.
         force_fn: see :mod:`gdeq_ext.relax.forces`.

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from gdeq_ext.gradients.implicit_function import ON_INVALID, SOLVERS
 from gdeq_ext.relax.factory import MODES
+from gdeq_ext.relax.options import BPTT_STEPS, DEFAULT_ALPHA, HYBRID_WINDOW
 
 __all__ = [
     "Config",
@@ -116,11 +117,14 @@ class RelaxConfig:
     Attributes:
         mode: "hybrid" (default: K differentiated steps, FIRE, implicit gradient), "implicit" or "bptt".
         window: K, differentiated window steps of the hybrid mode (default 10).
-        bptt_steps: T, unrolled steps of the bptt mode (default 50).
+        bptt_steps: T, unrolled steps of the bptt mode (default 100).
         handoff: β of the hybrid hand-off (default 1.0).
+        guidance: weight w of the window guidance loss, hybrid only: the loss of a structure becomes
+            ΔQ(X*) + w ΔQ(X_K) (default 0: none).
         fmax: eV/Å, FIRE tolerance (implicit, hybrid, and every evaluation; default 0.01).
         max_relax_steps: FIRE steps per structure at most (default 1000).
-        alpha: Å²/eV, step of the differentiated map (default 0.01); maxstep: Å, per-atom cap (default 0.2).
+        alpha: Å²/eV, step of the differentiated map (default 0.03); maxstep: Å, per-atom cap (default 0.2).
+            (The defaults of window, bptt_steps and alpha are :mod:`gdeq_ext.relax.options`', with the reasons.)
         checkpoint_window: recompute window steps in backward (bit-identical, less memory; default: the
             mode's own default, on for hybrid and off for bptt).
         solver: Hessian solve, "cg" (default), "minres" or "fixed_point"; rtol: its relative tolerance
@@ -135,12 +139,13 @@ class RelaxConfig:
     """
 
     mode: str = "hybrid"
-    window: int = 10
-    bptt_steps: int = 50
+    window: int = HYBRID_WINDOW
+    bptt_steps: int = BPTT_STEPS
     handoff: float = 1.0
+    guidance: float = 0.0
     fmax: float = 0.01
     max_relax_steps: int = 1000
-    alpha: float = 0.01
+    alpha: float = DEFAULT_ALPHA
     maxstep: float = 0.2
     checkpoint_window: bool | None = None
     solver: str = "cg"
@@ -164,7 +169,7 @@ class OptimConfig:
         schedule: learning rate over the run: "constant" (default), "linear" or "cosine" (to ``min_lr`` at
             ``train.steps``), "step" (times ``gamma`` every ``decay_steps``), "exponential" (times ``gamma``
             every step); warmup_steps: linear warm-up first (default 0).
-        grad_clip: clip the global gradient norm to this (default none).
+        grad_clip: clip the global gradient norm to this (default 1.0, as every benchmark; 0 turns clipping off).
     """
 
     optimizer: str = "adam"
@@ -176,7 +181,7 @@ class OptimConfig:
     min_lr: float = 0.0
     decay_steps: int = 100
     gamma: float = 0.5
-    grad_clip: float | None = None
+    grad_clip: float | None = 1.0
 
 
 @dataclass
@@ -252,6 +257,7 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     ("relax", "newton_steps"),
+    ("relax", "guidance"),
     ("relax", "window"),
     ("relax", "bptt_steps"),
     ("relax", "damping"),
@@ -262,6 +268,7 @@ _NON_NEGATIVE = {
     ("optim", "warmup_steps"),
     ("optim", "weight_decay"),
     ("optim", "min_lr"),
+    ("optim", "grad_clip"),
     ("pretrain", "rattled"),
     ("pretrain", "thermal"),
 }
@@ -326,6 +333,11 @@ class Config:
                 raise ConfigError(
                     f"{where}{section}.{key} = {value!r} must be {'> 0' if strict else '>= 0'} (and finite)"
                 )
+        if self.relax.guidance and (self.relax.mode != "hybrid" or self.relax.window == 0):
+            raise ConfigError(
+                f"{where}relax.guidance = {self.relax.guidance!r} needs a window: mode 'hybrid' with window > 0 "
+                f"(got mode {self.relax.mode!r}, window {self.relax.window})"
+            )
         if self.relax.mode == "bptt" and self.relax.bptt_steps == 0:
             raise ConfigError(f"{where}relax.bptt_steps = 0 gives BPTT nothing to differentiate")
         if self.optim.min_lr > self.optim.lr:

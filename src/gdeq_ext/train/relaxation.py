@@ -6,6 +6,9 @@ every start with the potential in the configured mode (``bptt`` / ``implicit`` /
 
     loss = mean over the global batch of ΔQ_s          (ΔQ: :func:`gdeq_ext.delta_q`, Å·amu^½)
 
+(plus ``relax.guidance`` × ΔQ of the last window state X_K in the hybrid mode when it is set; the ``loss``
+column stays ΔQ(X*), so runs with and without guidance compare on the same scale).
+
 Metrics per step (``metrics.csv``, ``learning_curves.png``):
 
 * ΔQ (the loss), and the **correct-basin rate** by the project's one judge (:class:`gdeq_ext.datasets.BasinJudge`,
@@ -314,9 +317,12 @@ def fit_relaxation(
                 try:
                     result = relax(batch)
                     dq = delta_q(result.positions, reference, batch)
+                    objective = dq
+                    if relax_config.guidance:  # the window guidance loss on X_K (hybrid; checked by the config)
+                        objective = dq + relax_config.guidance * delta_q(result.window[-1], reference, batch)
                     # The sum over this rank's structures over the *global* batch size: summed over ranks, the
                     # gradient is the one of the mean over the global batch (distributed.py).
-                    (dq.sum() / len(global_indices)).backward()
+                    (objective.sum() / len(global_indices)).backward()
                 except STEP_FAILURES as error:
                     raise step_failure(error, f"training step {step + 1}", step + 1, local, train) from error
                 iterations = result.iterations
@@ -346,7 +352,7 @@ def fit_relaxation(
             if nonfinite:
                 for p in params:
                     p.grad = None
-            elif optim_config.grad_clip is not None:
+            elif optim_config.grad_clip:  # None or 0: no clipping
                 torch.nn.utils.clip_grad_norm_(params, optim_config.grad_clip)
             lr = optimizer.param_groups[0]["lr"]
             if not nonfinite:
