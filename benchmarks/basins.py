@@ -559,13 +559,43 @@ class Study:
         return text
 
 
-def run_cell(spec: dict) -> str:
-    Path(spec["path"]).parent.mkdir(parents=True, exist_ok=True)
-    if spec["kind"] == "base":
-        return run_base_cell(spec)
-    if spec["kind"] == "memory":
-        return run_memory_cell(spec)
-    return run_training_cell(spec)
+def lock_path(path: str | Path) -> Path:
+    return Path(str(path) + ".running")
+
+
+def locked(path: str | Path) -> bool:
+    """Whether a live process (on this machine) is running the cell whose result goes to ``path``: several study
+    processes may share a folder (``--methods`` splits, a second machine with its own folder) without running a
+    cell twice. A lock left by a dead process is ignored (and replaced)."""
+    lock = lock_path(path)
+    try:
+        pid = int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_cell(spec: dict) -> str | None:
+    """Run one cell under its lock; None when another live process holds it."""
+    path = Path(spec["path"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or locked(path):
+        return None
+    lock_path(path).write_text(f"{os.getpid()} {spec['name']}\n")
+    try:
+        if spec["kind"] == "base":
+            return run_base_cell(spec)
+        if spec["kind"] == "memory":
+            return run_memory_cell(spec)
+        return run_training_cell(spec)
+    finally:
+        lock_path(path).unlink(missing_ok=True)
 
 
 def run_study(study: Study, workers: int, max_cells: int | None, info: dict) -> int:
@@ -580,17 +610,22 @@ def run_study(study: Study, workers: int, max_cells: int | None, info: dict) -> 
             for spec in study.pending():
                 if len(running) >= workers or (budget is not None and budget <= 0):
                     break
-                if spec["path"] in queued:
+                if spec["path"] in queued or locked(spec["path"]):
                     continue
                 print(f"[{time.perf_counter() - started:7.0f} s] start  {spec['name']}", flush=True)
                 running[pool.submit(run_cell, spec)] = spec
                 budget = None if budget is None else budget - 1
             if not running:
+                if any(locked(spec["path"]) for spec in study.pending()):
+                    time.sleep(60)  # another process holds the remaining cells; theirs may unlock more (seeds)
+                    continue
                 break
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in finished:
                 spec = running.pop(future)
-                future.result()  # an exception in a cell stops the study (its inputs are kept)
+                if future.result() is None:  # an exception in a cell stops the study (its inputs are kept)
+                    print(f"[{time.perf_counter() - started:7.0f} s] skip   {spec['name']} (another process runs it)")
+                    continue
                 cell = study.read(Path(spec["path"])) or {}
                 summary = ""
                 if "test" in cell:

@@ -36,7 +36,9 @@ def machine(device: str) -> dict:
 def machine_label(info: dict) -> str:
     if info.get("gpu"):
         return f"{info['gpu']} (torch {info['torch']})"
-    return f"{info['cpu']}, {info['cpu_cores']} cores, {info['torch_threads']} torch threads (torch {info['torch']})"
+    threads = info["torch_threads"]
+    plural = "s" if threads != 1 else ""
+    return f"{info['cpu']}, {info['cpu_cores']} cores, {threads} torch thread{plural} (torch {info['torch']})"
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

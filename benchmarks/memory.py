@@ -321,13 +321,17 @@ def summarize(records: list[dict]) -> str:
 
 
 def goals(records: list[dict], dtype: str) -> list[str]:
-    """The issue's four memory goals, evaluated on this run's numbers (each line says which rows it compares)."""
+    """The issue's four memory goals, evaluated on this run's numbers (each line says which rows it compares and
+    whether the goal is met)."""
 
     def peak(mode: str, backend: str, steps: int, window: int = 0):
         for r in records:
             if (r["mode"], r["backend"], r["steps_T"], r["window"]) == (mode, backend, steps, window):
                 return r.get("peak_bytes")
         return None
+
+    def verdict(ok: bool) -> str:
+        return " — met" if ok else " — **missed**"
 
     lengths = sorted({r["steps_T"] for r in records if r["mode"] == "bptt"})
     windows = sorted({r["window"] for r in records if r["mode"] == "hybrid"})
@@ -339,7 +343,9 @@ def goals(records: list[dict], dtype: str) -> list[str]:
     naive, hybrid = peak("bptt", "reference", t), peak("hybrid", "fused", t, k)
     if naive and hybrid:
         ratio = naive / hybrid
-        lines.append(f"hybrid K={k} (fused) at T={t}: {ratio:.0f}x less than naive BPTT (goal >= 10x)")
+        lines.append(
+            f"hybrid K={k} (fused) at T={t}: {ratio:.0f}x less than naive BPTT (goal >= 10x){verdict(ratio >= 10)}"
+        )
     longer = [x for x in lengths if x >= 100] or lengths
     for mode, window in (("implicit", 0), ("hybrid", k)):
         values = [peak(mode, "fused", x, window) for x in longer]
@@ -347,22 +353,23 @@ def goals(records: list[dict], dtype: str) -> list[str]:
             spread = max(values) / min(values) - 1
             lines.append(
                 f"{mode}{f' K={window}' if window else ''} (fused), T={longer[0]} to {longer[-1]}: "
-                f"peak varies by {100 * spread:.1f}% (goal within 5%)"
+                f"peak varies by {100 * spread:.1f}% (goal within 5%){verdict(spread <= 0.05)}"
             )
     fused = peak("bptt-force", "fused", lengths[-1])
     naive_long = peak("bptt", "reference", lengths[-1])
     if fused and naive_long:
         lines.append(
             f"BPTT with the fused force Function at T={lengths[-1]}: {naive_long / fused:.0f}x below naive BPTT "
-            f"(goal >= 5x)"
+            f"(goal >= 5x){verdict(naive_long / fused >= 5)}"
         )
     floor = peak("force-step", "fused", 0)
     n_atoms = next((r["n_atoms"] for r in records if "n_atoms" in r), None)
     if floor and hybrid and n_atoms:
         states = k * n_atoms * 3 * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        ratio = hybrid / (floor + states)
         lines.append(
-            f"hybrid K={k} (fused) at T={t}: {hybrid / (floor + states):.1f}x one force-matching step plus the K "
-            f"window states ({format_bytes(floor)} + {format_bytes(states)}; goal <= 1.5x)"
+            f"hybrid K={k} (fused) at T={t}: {ratio:.1f}x one force-matching step plus the K window states "
+            f"({format_bytes(floor)} + {format_bytes(states)}; goal <= 1.5x){verdict(ratio <= 1.5)}"
         )
     return lines
 
@@ -370,39 +377,62 @@ def goals(records: list[dict], dtype: str) -> list[str]:
 def format_bytes(value) -> str:
     if value is None:
         return "—"
+    if value < 2**20:
+        return f"{value / 2**10:.1f} KiB"
     return f"{value / 2**20:.1f} MiB"
 
 
-def plot(records: list[dict], info: dict, path: Path) -> None:
+def measured_what(device: str, dtype: str, structures: int) -> str:
+    where = (
+        "torch.cuda.max_memory_allocated above the step's start"
+        if device.startswith("cuda")
+        else "peak RSS (VmHWM) above the step's start, one fresh process per configuration"
+    )
+    return f"peak memory of one training step of {structures} structures, {dtype}: {where}"
+
+
+def plot(records: list[dict], info: dict, path: Path, what: str = "") -> None:
+    """One panel per backend (reference, fused) and cell size: peak memory against T on a plain axis, one colour
+    per mode; the converged case (no T) as a dotted line in the mode's colour, the force-matching floor in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sizes = sorted({r.get("sites", 0) for r in records})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(8 * len(sizes), 5), squeeze=False)
-    # colour: the mode; line style: the backend (solid reference, dashed fused); one panel per cell size
-    modes = list(dict.fromkeys(r["label"].rsplit(" (", 1)[0] for r in records))
+    backends = [b for b in ("reference", "fused") if any(r["backend"] == b for r in records)]
+    modes = list(dict.fromkeys(r["label"].rsplit(" (", 1)[0] for r in records if r["mode"] != "force-step"))
     colours = plt.get_cmap("tab10")
-    for ax, sites in zip(axes[0], sizes, strict=True):
-        mine = [r for r in records if r.get("sites", 0) == sites]
-        for label in dict.fromkeys(r["label"] for r in mine):
-            points = sorted(
-                (r["steps_T"], r["peak_bytes"])
-                for r in mine
-                if r["label"] == label and r["steps_T"] and "peak_bytes" in r
-            )
-            if points:
-                mode = label.rsplit(" (", 1)[0]
-                style = "--" if label.endswith("(fused)") else "-"
-                xs, ys = zip(*[(t, b / 2**20) for t, b in points], strict=True)
-                ax.plot(xs, ys, style, marker="o", color=colours(modes.index(mode) % 10), label=label)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("relaxation length T (steps)")
-        ax.set_ylabel("peak memory of one training step (MiB)")
-        ax.set_title(f"gdeq_ext memory vs relaxation length, {sites}±1-site cells\n{machine_label(info)}", fontsize=9)
-        ax.legend(fontsize=7, ncol=2)
+    lengths = sorted({r["steps_T"] for r in records if r["steps_T"]})
+    fig, axes = plt.subplots(
+        len(sizes), len(backends), figsize=(6.5 * len(backends) + 2.5, 4.5 * len(sizes)), squeeze=False
+    )
+    for row, sites in enumerate(sizes):
+        for col, backend in enumerate(backends):
+            ax = axes[row][col]
+            mine = [r for r in records if r.get("sites", 0) == sites and r["backend"] == backend and "peak_bytes" in r]
+            for mode in modes:
+                colour = colours(modes.index(mode) % 10)
+                runs = [r for r in mine if r["label"].rsplit(" (", 1)[0] == mode]
+                points = sorted((r["steps_T"], r["peak_bytes"] / 2**20) for r in runs if r["steps_T"])
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    ax.plot(xs, ys, "-", marker="o", color=colour, label=mode)
+                converged = [r["peak_bytes"] / 2**20 for r in runs if not r["steps_T"]]
+                if converged:
+                    ax.axhline(converged[0], color=colour, linestyle=":", label=f"{mode}, converged")
+            floor = [r["peak_bytes"] / 2**20 for r in mine if r["mode"] == "force-step"]
+            if floor:
+                ax.axhline(floor[0], color="grey", linewidth=2, alpha=0.6, label="force-matching step (floor)")
+            ax.set_yscale("log")
+            ax.set_xticks(lengths)
+            ax.set_xlabel("relaxation length T (steps)")
+            ax.set_ylabel("peak memory (MiB)")
+            ax.set_title(f"{backend} kernels, {sites}±1-site cells", fontsize=9)
+            ax.grid(alpha=0.3)
+            if col == len(backends) - 1:
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"{what}\n{machine_label(info)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -435,6 +465,11 @@ def run_size(args, repeat: int, info: dict) -> tuple[list[dict], str]:
         mine = grads.get(config)
         record["cosine_vs_bptt"] = None if reference is None or mine is None else cosine(mine, reference)
 
+    return records, size_markdown(records, args, sites, info)
+
+
+def size_markdown(records: list[dict], args, sites: int, info: dict) -> str:
+    """The markdown section of one cell size: the table, the goals (met or missed) and what was not measured."""
     table = summarize(records)
     problems: dict[str, list[str]] = {}
     for r in records:
@@ -452,7 +487,7 @@ def run_size(args, repeat: int, info: dict) -> tuple[list[dict], str]:
     for reason, where in problems.items():
         shown = ", ".join(where) if len(where) <= 4 else f"{len(where)} configurations ({where[0]}, ...)"
         markdown += f"\nNot measured ({reason}): {shown}.\n"
-    return records, markdown + "\n"
+    return markdown + "\n"
 
 
 def main() -> None:
@@ -481,6 +516,7 @@ def main() -> None:
         action="store_true",
         help="also write the committed copies benchmarks/results/memory.{json,md,png} and the README table",
     )
+    parser.add_argument("--render", help="re-write the .md and .png of --output from this results JSON (no run)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     parser.add_argument("--grad", help=argparse.SUPPRESS)
@@ -488,6 +524,17 @@ def main() -> None:
 
     if args.worker:
         print(json.dumps(run_worker(Config(**json.loads(args.worker)), args.setup, args.device, args.grad)))
+        return
+
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        stored, info, records = argparse.Namespace(**saved["arguments"]), saved["machine"], saved["records"]
+        sizes = sorted({r["sites"] for r in records})
+        markdown = "".join(size_markdown([r for r in records if r["sites"] == n], stored, n, info) for n in sizes)
+        output = Path(args.output)
+        output.with_suffix(".md").write_text(markdown)
+        plot(records, info, output.with_suffix(".png"), measured_what(stored.device, stored.dtype, stored.structures))
+        print(markdown)
         return
 
     # No flag on a CPU: a representative subset (T = 50, 200; K = 5, 20: 32 configurations, a few minutes), so the
@@ -516,14 +563,14 @@ def main() -> None:
     )
     records, markdown = [], ""
     for repeat in args.repeat:
-        size_records, size_markdown = run_size(args, repeat, info)
+        size_records, section = run_size(args, repeat, info)
         records += size_records
-        markdown += size_markdown
+        markdown += section
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json(output.with_suffix(".json"), {"machine": info, "arguments": vars(args), "records": records})
     output.with_suffix(".md").write_text(markdown)
-    plot(records, info, output.with_suffix(".png"))
+    plot(records, info, output.with_suffix(".png"), measured_what(args.device, args.dtype, args.structures))
     print(markdown)
     print(f"wrote {output}.json, .md, .png")
     if args.update_readme:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,23 @@ def test_basins_benchmark_tiny_end_to_end(tmp_path):
     assert other.returncode != 0 and "protocol differs" in other.stderr
     fresh = subprocess.run(command, capture_output=True, text=True, env=env)
     assert fresh.returncode != 0 and "--resume" in fresh.stderr
+
+
+def test_basins_cell_locks_ignore_dead_processes(tmp_path):
+    """A cell being run by a live process is skipped by another study process; a dead process's lock is not."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import basins
+
+    cell = tmp_path / "cells" / "implicit" / "lr1e-3_seed0.json"
+    cell.parent.mkdir(parents=True)
+    assert not basins.locked(cell)
+    basins.lock_path(cell).write_text(f"{os.getpid()} implicit lr 1e-03 seed 0\n")
+    assert basins.locked(cell)
+    assert basins.run_cell({"path": str(cell), "kind": "train", "name": "x"}) is None  # held: not run
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    basins.lock_path(cell).write_text(f"{done.stdout.strip()} implicit\n")  # that process has exited
+    assert not basins.locked(cell)

@@ -227,12 +227,23 @@ def test_outputs_and_export_to_ase(tmp_path, pairs, base_path):
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == [f"step_{k:08d}.pt" for k in (2, 4)]
 
     loaded = MLIP.load(result.model_path)
+    last = tmp_path / "run" / "model_last.pt"
+    final = MLIP.load(last) if last.exists() else loaded  # the trained model in memory keeps the last weights
     atoms = pairs[0].start.copy()
-    atoms.calc = GDEQCalculator(loaded)
+    atoms.calc = GDEQCalculator(final)
     energy, forces = model.energy_forces(Batch.from_ase(atoms, dtype=torch.float64))
     assert atoms.get_potential_energy() == pytest.approx(float(energy[0]), abs=1e-12)
     np.testing.assert_allclose(atoms.get_forces(), forces.numpy(), atol=1e-12)
-    assert evaluate_relaxation(loaded, pairs[3:], fmax=0.01, max_steps=200) == result.final["val"]
+    # model.pt holds the best validation's weights (step 0 counts), model_last.pt the last step's when they differ
+    scored = [(r["val_basin_rate"], -r["val_delta_q"], -r["step"]) for r in result.history if r.get("val_delta_q")]
+    assert result.best_step == -max(scored)[2]
+    best_row = next(r for r in result.history if r["step"] == result.best_step)
+    evaluated = evaluate_relaxation(loaded, pairs[3:], fmax=0.01, max_steps=200)
+    assert evaluated["delta_q"] == pytest.approx(best_row["val_delta_q"], rel=1e-12)
+    assert last.exists() == (result.best_step != result.steps)
+    assert evaluate_relaxation(final, pairs[3:], fmax=0.01, max_steps=200) == result.final["val"]
+    assert f"model.pt: the weights of step {result.best_step}, the best validation" in table
+    assert "compiled kernels" in result.description or "fallback" in result.description
 
 
 class Crash(RuntimeError):
@@ -288,7 +299,8 @@ def test_sigint_stops_after_a_checkpoint_and_resumes_exactly(tmp_path, pairs, ba
     assert find_checkpoint(tmp_path / "c").endswith("step_00000002.pt")
     model = MLIP.load(base_path)
     result = fit_relaxation(model, pairs, output_dir=tmp_path / "c", **settings)
-    assert result.resumed_from == 2
+    assert result.resumed_from == 2 and result.resumes == [2]
+    assert "Resumed from checkpoints at step 2." in open(result.summary_path).read()
     for key, value in parameters(reference).items():
         assert torch.equal(value, model.state_dict()[key]), key
 

@@ -26,4 +26,5 @@ def describe(device: torch.device) -> str:
     """One line: the GPU's name for a CUDA device, else "<CPU model>, <n> cores, <t> torch threads"."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    threads = torch.get_num_threads()
+    return f"{cpu_name()}, {os.cpu_count()} cores, {threads} torch thread{'s' if threads != 1 else ''}"

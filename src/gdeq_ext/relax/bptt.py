@@ -13,7 +13,7 @@ from gdeq_ext.relax.checks import check_finite, structure_fmax
 from gdeq_ext.relax.forces import ForceFn, default_force_fn, edges_for, make_verlet
 from gdeq_ext.relax.options import BPTT_STEPS, FIREOptions, WindowOptions, route_fields
 from gdeq_ext.relax.result import RelaxResult
-from gdeq_ext.relax.window import run_window
+from gdeq_ext.relax.window import unroll
 
 __all__ = ["BPTTRelax"]
 
@@ -75,15 +75,12 @@ class BPTTRelax:
 
     def __call__(self, batch: Batch) -> RelaxResult:
         verlet = make_verlet(self.potential, self.skin)
-        states = run_window(
+        states = unroll(
             self.potential,
             batch,
-            self.steps,
-            alpha=self.alpha,
-            maxstep=self.maxstep,
+            self.window_options,
             verlet=verlet,
             force_fn=self.force_fn,
-            checkpoint=self.checkpoint,
             parameters=self.parameters,
         )
         final = states[-1] if states else batch.positions

@@ -16,7 +16,7 @@ from gdeq_ext.relax.implicit import ImplicitRelax
 from gdeq_ext.relax.options import HYBRID_WINDOW, FIREOptions, WindowOptions, route_fields
 from gdeq_ext.relax.polish import PolishOptions
 from gdeq_ext.relax.result import RelaxResult
-from gdeq_ext.relax.window import run_window
+from gdeq_ext.relax.window import unroll
 
 __all__ = ["HybridRelax"]
 
@@ -92,15 +92,12 @@ class HybridRelax(ImplicitRelax):
 
     def __call__(self, batch: Batch) -> RelaxResult:
         verlet = make_verlet(self.potential, self.skin)
-        states = run_window(
+        states = unroll(
             self.potential,
             batch,
-            self.window,
-            alpha=self.alpha,
-            maxstep=self.maxstep,
+            self.window_options,
             verlet=verlet,
             force_fn=self.force_fn,
-            checkpoint=self.checkpoint,
             parameters=self.parameters,
         )
         anchor = states[-1] if states else None

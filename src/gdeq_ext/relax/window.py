@@ -28,7 +28,7 @@ from gdeq_ext.data.batch import Batch
 from gdeq_ext.neighbors.verlet import VerletList
 from gdeq_ext.relax.checks import check_finite
 from gdeq_ext.relax.forces import ForceFn, default_force_fn, edges_for, trainable_parameters
-from gdeq_ext.relax.options import DEFAULT_ALPHA
+from gdeq_ext.relax.options import DEFAULT_ALPHA, WindowOptions
 
 __all__ = ["capped_step", "run_window"]
 
@@ -140,3 +140,21 @@ class _WindowStep(torch.autograd.Function):
         rest = iter(grads[1:])
         grad_parameters = [next(rest) if need else None for need in needed]
         return (None, None, grads[0] if ctx.needs_input_grad[2] else None, *grad_parameters)
+
+
+def unroll(
+    potential, batch: Batch, options: WindowOptions, *, verlet=None, force_fn=None, parameters=None
+) -> tuple[torch.Tensor, ...]:
+    """:func:`run_window` with the steps, α, cap and checkpointing of a :class:`WindowOptions` (BPTT's T or the
+    hybrid's K)."""
+    return run_window(
+        potential,
+        batch,
+        options.steps,
+        alpha=options.alpha,
+        maxstep=options.maxstep,
+        verlet=verlet,
+        force_fn=force_fn,
+        checkpoint=options.checkpoint,
+        parameters=parameters,
+    )

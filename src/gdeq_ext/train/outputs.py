@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from gdeq_ext.potentials.edge_moments_op import has_fused_kernels
 from gdeq_ext.train.checkpoints import (
     checkpoint_dir,
     list_checkpoints,
@@ -22,10 +23,24 @@ from gdeq_ext.train.distributed import DistributedContext
 from gdeq_ext.train.metrics import COLUMNS
 
 __all__ = [
+    "BestValidation",
     "Outputs",
     "RelaxationFitResult",
+    "describe_backend",
     "plot_learning_curves",
 ]
+
+
+def describe_backend(model, device) -> str:
+    """Which kernels the model's forces run on, for the run's description (learning curves, summary.md)."""
+    backend = getattr(model, "backend", None)
+    if backend is None:
+        return "the model's own kernels"
+    if backend != "fused":
+        return f"backend {backend!r} (plain PyTorch)"
+    if has_fused_kernels(device):
+        return "fused backend, compiled kernels"
+    return "fused backend requested, but the pure-PyTorch fallback ran (no compiled kernel for this device)"
 
 
 # ---------------------------------------------------------------------------------------------- result
@@ -41,6 +56,9 @@ class RelaxationFitResult:
         train_time_s: wall time of the training steps in seconds, summed over resumed segments.
         peak_memory_mib: the largest per-step peak (see the module doc).
         resumed_from: the step of the checkpoint this call resumed from, or None.
+        resumes: every step a run of this output folder was resumed at, in order (marked on the learning curves).
+        best_step: the step whose weights are ``model.pt`` (the best validation, :class:`BestValidation`), or None
+            without validation (``model.pt`` is then the last step's).
         interrupted: the run stopped early on SIGINT/SIGTERM (after writing a checkpoint).
         output_dir, checkpoint, model_path, csv_path, png_path, summary_path: files written (None if not).
         description: mode, batch, processes and hardware, for tables.
@@ -53,6 +71,8 @@ class RelaxationFitResult:
     train_time_s: float = 0.0
     peak_memory_mib: float = math.nan
     resumed_from: int | None = None
+    resumes: list[int] = field(default_factory=list)
+    best_step: int | None = None
     interrupted: bool = False
     output_dir: str | None = None
     checkpoint: str | None = None
@@ -83,8 +103,15 @@ class RelaxationFitResult:
         lines.append("")
         lines.append(
             f"{self.description}; {self.steps} steps in {self.train_time_s:.1f} s, peak memory per step "
-            f"{self.peak_memory_mib:.1f} MiB{solver}."
+            f"{self.peak_memory_mib:.1f} MiB (whole-process peak RSS on a CPU){solver}."
         )
+        if self.resumes:
+            lines.append(f"Resumed from checkpoints at step {', '.join(map(str, self.resumes))}.")
+        if self.best_step is not None:
+            last = " (the last step)" if self.best_step == self.steps else "; model_last.pt: the last step's"
+            lines.append(f"model.pt: the weights of step {self.best_step}, the best validation{last}.")
+        elif self.history:
+            lines.append("model.pt: the last step's weights (no validation pairs to choose by).")
         return "\n".join(lines)
 
 
@@ -107,8 +134,38 @@ def _write_csv(rows: Sequence[dict], path: str, append: bool = False) -> None:
             writer.writerow([_format(row.get(column)) for column in COLUMNS])
 
 
-def plot_learning_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "") -> bool:
-    """A PNG of ΔQ, correct-basin rate, fmax, relaxation steps and solver iterations, memory and lr per step.
+@dataclass
+class BestValidation:
+    """The weights of the best validation so far: the highest correct-basin rate, ties broken by the lower ΔQ.
+
+    ``model.pt`` holds them at the end of a run (``model_last.pt`` the last step's when they differ); step 0, the
+    model before training, counts, so a run that only made validation worse says so by saving the start.
+    """
+
+    step: int
+    key: tuple[float, float]
+    model: dict
+
+    @classmethod
+    def consider(cls, best: BestValidation | None, step: int, metrics: dict, model) -> BestValidation:
+        key = (metrics["correct"] / max(1, metrics["n"]), -float(metrics["delta_q"]))
+        if best is not None and not key > best.key:
+            return best
+        return cls(step, key, {k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    def state(self) -> dict:
+        return {"step": self.step, "key": list(self.key), "model": self.model}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> BestValidation | None:
+        return None if not state else cls(int(state["step"]), tuple(state["key"]), state["model"])
+
+
+def plot_learning_curves(
+    history: Sequence[dict], path: str | os.PathLike, title: str = "", resumes: Sequence[int] = ()
+) -> bool:
+    """A PNG of ΔQ, correct-basin rate, fmax, relaxation steps and solver iterations, memory and lr per step;
+    a dotted vertical line at every step the run was resumed at.
 
     Returns False (and warns) when matplotlib is not installed.
     """
@@ -141,7 +198,7 @@ def plot_learning_curves(history: Sequence[dict], path: str | os.PathLike, title
             "per structure",
             [("relax_steps", "relaxation steps", "-"), ("solver_iterations", "Hessian-vector products", "-")],
         ),
-        ("peak memory per step (MiB)", [("peak_memory_mib", "", "-")]),
+        ("peak memory per step (MiB)", [("peak_memory_mib", "", "-")]),  # note below
         ("learning rate", [("lr", "", "-")]),
     ]
     figure, axes = plt.subplots(2, 3, figsize=(13, 7))
@@ -155,6 +212,14 @@ def plot_learning_curves(history: Sequence[dict], path: str | os.PathLike, title
         if any(name for _, name, _ in curves):
             axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
+        for k, at in enumerate(resumes):
+            axis.axvline(at, color="grey", linestyle=":", linewidth=1, label="resumed" if k == 0 else None)
+    if resumes:
+        axes.flat[0].legend(fontsize=8)
+    # On a CPU this is the whole process's peak resident memory (Python, torch, data, ~hundreds of MiB), not the
+    # step's own allocation that benchmarks/memory.py reports above the step start: the two differ by the baseline.
+    memory_note = "whole-process peak RSS on a CPU;\nbenchmarks/memory.py: above the step start"
+    axes.flat[4].text(0.02, 0.02, memory_note, transform=axes.flat[4].transAxes, fontsize=7, color="dimgrey")
     axes.flat[0].set_yscale("log") if any(series("loss")[1]) and min(series("loss")[1]) > 0 else None
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
@@ -199,20 +264,36 @@ class Outputs:
             os.remove(old)
         return path
 
-    def finish(self, model, result: RelaxationFitResult, plot: bool) -> None:
+    def finish(self, model, result: RelaxationFitResult, plot: bool, best: BestValidation | None = None) -> None:
+        """Write model.pt (the best validation's weights; the last step's without validation), model_last.pt
+        (the last step's, when they differ), learning_curves.png and summary.md. ``model`` keeps the last weights."""
         if not self.main:
             return
         result.csv_path = self.csv
         model_path = os.path.join(self.dir, "model.pt")
-        if hasattr(model, "save"):
-            model.save(model_path)
+        last_path = os.path.join(self.dir, "model_last.pt")
+        if best is not None and best.step != result.steps:
+            _save(model, last_path)
+            last = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(best.model)
+            _save(model, model_path)
+            model.load_state_dict(last)
         else:
-            torch.save(model.state_dict(), model_path)
+            _save(model, model_path)
+            if os.path.exists(last_path):
+                os.remove(last_path)
         result.model_path = model_path
         png = os.path.join(self.dir, "learning_curves.png")
-        if plot and plot_learning_curves(result.history, png, result.description):
+        if plot and plot_learning_curves(result.history, png, result.description, result.resumes):
             result.png_path = png
         summary = os.path.join(self.dir, "summary.md")
         with open(summary, "w") as handle:
             handle.write(result.table() + "\n")
         result.summary_path = summary
+
+
+def _save(model, path: str) -> None:
+    if hasattr(model, "save"):
+        model.save(path)
+    else:
+        torch.save(model.state_dict(), path)

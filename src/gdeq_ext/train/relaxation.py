@@ -85,7 +85,7 @@ from gdeq_ext.train.metrics import (
     step_failure,
     trust_counts,
 )
-from gdeq_ext.train.outputs import Outputs, RelaxationFitResult, plot_learning_curves
+from gdeq_ext.train.outputs import BestValidation, Outputs, RelaxationFitResult, describe_backend, plot_learning_curves
 from gdeq_ext.train.state import DataOrder, StopRequest, rng_state, seed_everything, set_rng_state
 
 __all__ = [
@@ -231,6 +231,8 @@ def fit_relaxation(
     history: list[dict] = []
     initial: dict = {}
     step, train_time, resumed_from = 0, 0.0, None
+    best: BestValidation | None = None
+    resumes: list[int] = []
     checkpoint_path = None
     if loaded is not None:
         checkpoint_path, saved = loaded
@@ -241,6 +243,8 @@ def fit_relaxation(
         step, train_time, resumed_from = int(saved["step"]), float(saved["train_time_s"]), int(saved["step"])
         order = DataOrder(len(train), run.seed, **saved["order"])
         history, initial = list(saved["history"]), dict(saved["initial"])
+        best = BestValidation.from_state(saved.get("best"))
+        resumes = [*saved.get("resumes", []), step]
         set_rng_state(saved["rng"])
     else:
         seed_everything(run.seed)
@@ -248,6 +252,7 @@ def fit_relaxation(
         model.eval()
         if validation is not None:
             initial["val"] = evaluate_relaxation(model, validation, **evaluate)
+            best = BestValidation.consider(best, 0, initial["val"], model)
         if run.eval_train:
             initial["train"] = evaluate_relaxation(model, train, **evaluate)
         history.append(make_row(0, 0, None, initial.get("val")))
@@ -259,6 +264,7 @@ def fit_relaxation(
         + f", batch {run.batch_size} structures over {context.world_size} process"
         + ("es" if context.world_size > 1 else "")
         + f", {len(train)} training pairs, {str(dtype).removeprefix('torch.')}, {describe(device)}"
+        + f", {describe_backend(model, device)}"
     )
     files = Outputs(output_dir, context) if output_dir else None
     if files is not None:
@@ -286,6 +292,8 @@ def fit_relaxation(
                 "n_train": len(train),
                 "data_fingerprint": fingerprint,
                 "model_signature": signature,
+                "best": best.state() if best is not None else None,
+                "resumes": resumes,
             },
             at_step,
             run.keep_checkpoints,
@@ -391,6 +399,7 @@ def fit_relaxation(
             if validation is not None and ((run.eval_every and step % run.eval_every == 0) or step == run.steps):
                 model.eval()
                 last_validation = (step, evaluate_relaxation(model, validation, step=step, **evaluate))
+                best = BestValidation.consider(best, step, last_validation[1], model)
                 evaluated = make_row(step, order.epoch, lr, last_validation[1])
                 row.update({k: v for k, v in evaluated.items() if k.startswith("val_")})
             history.append(row)
@@ -433,13 +442,15 @@ def fit_relaxation(
         train_time_s=train_time,
         peak_memory_mib=max(steps_with_memory) if steps_with_memory else math.nan,
         resumed_from=resumed_from,
+        resumes=resumes,
+        best_step=best.step if best is not None else None,
         interrupted=interrupted,
         output_dir=output_dir,
         checkpoint=last_checkpoint,
         description=description,
     )
     if files is not None and not interrupted:
-        files.finish(model, result, run.plot)
+        files.finish(model, result, run.plot, best=best)
     if interrupted:
         raise KeyboardInterrupt(
             f"stopped by a signal after step {step}; checkpoint {last_checkpoint}: run again to resume"
