@@ -113,3 +113,58 @@ def test_capped_step_limits_each_atom_separately():
     torch.testing.assert_close(grad[1], torch.full((3,), 0.01, dtype=torch.float64))
     # Capped atom: d(maxstep F/|F|)/dF = maxstep (I - u uᵀ)/|F|, summed over components.
     torch.testing.assert_close(grad[0], torch.tensor([0.0, 0.002, 0.002], dtype=torch.float64))
+
+
+class CountingForces:
+    """The default force evaluation, counting the structures (and calls) it evaluates."""
+
+    def __init__(self):
+        from gdeq_ext.relax.forces import default_force_fn
+
+        self.inner, self.structures, self.calls = default_force_fn(None), 0, 0
+
+    def __call__(self, potential, batch, edges, create_graph=False):
+        self.structures += batch.n_systems
+        self.calls += 1
+        return self.inner(potential, batch, edges, create_graph=create_graph)
+
+
+def test_compaction_drops_finished_structures_and_changes_no_trajectory(kit, sw_like):
+    """compact=True evaluates only the structures still moving once at most half move; every structure's steps and
+    end state equal the uncompacted run's (to round-off), and the whole batch's forces are returned."""
+    cells = [kit.diamond(shear=s, strain=e) for s, e in ((0.0, 0.0), (0.02, 0.0), (0.03, 0.01), (0.08, 0.02))]
+    batch = kit.make_batch(cells, rattle=0.1, seed=11)
+    runs = {}
+    for compact in (False, True):
+        counter = CountingForces()
+        verlet = VerletList(sw_like.cutoff, 0.5)
+        out = fire(sw_like, batch, fmax=1e-4, max_steps=2000, verlet=verlet, force_fn=counter, compact=compact)
+        runs[compact] = (out, counter)
+    (plain, plain_count), (packed, packed_count) = runs[False], runs[True]
+    assert len(set(plain.steps.tolist())) > 2  # the structures finish at different steps
+    assert packed.steps.tolist() == plain.steps.tolist() and packed.converged.tolist() == plain.converged.tolist()
+    torch.testing.assert_close(packed.positions, plain.positions, rtol=0, atol=1e-10)
+    torch.testing.assert_close(packed.forces, plain.forces, rtol=0, atol=1e-10)
+    torch.testing.assert_close(packed.energy, plain.energy, rtol=0, atol=1e-10)
+    assert packed.edges is not None and int(packed.edges.edge_index.max()) >= batch.n_atoms - 8  # the whole batch's
+    # one evaluation per step either way (+1 at the end when compacted), but of fewer structures
+    assert packed_count.calls == plain_count.calls + 1
+    # the working set shrinks to the moving structures whenever at most half of it moves
+    steps, n_work, expected = plain.steps.tolist(), batch.n_systems, 2 * batch.n_systems  # first and final calls
+    for t in range(1, max(steps) + 1):
+        moving = sum(s >= t for s in steps)
+        n_work = moving if n_work > 1 and moving <= n_work // 2 else n_work
+        expected += n_work
+    assert packed_count.structures == expected < plain_count.structures == batch.n_systems * (max(steps) + 1)
+
+
+def test_compaction_names_the_original_structure_of_a_nan(kit, sw_like):
+    """A NaN in a structure after the batch was compacted is reported with its index in the caller's batch."""
+    cells = [kit.diamond(), kit.diamond(), kit.diamond(shear=0.06), kit.diamond(shear=0.08)]
+    batch = kit.make_batch(cells, rattle=0.0, seed=3)
+    rattled = kit.make_batch(cells[2:], rattle=0.1, seed=4)
+    positions = torch.cat([batch.positions[: 2 * 8], rattled.positions])
+    batch = batch.with_positions(positions)  # structures 0, 1 are at rest (converged at step 0)
+    poisoned = NaNAfter(sw_like, calls=5, structure=1)  # structure 1 of the *compacted* batch is the caller's 3
+    with pytest.raises(NonFiniteError, match=r"structure 3 at step 5"):
+        fire(poisoned, batch, fmax=1e-4, max_steps=200, verlet=VerletList(sw_like.cutoff, 0.5))

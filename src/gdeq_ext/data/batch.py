@@ -202,6 +202,26 @@ class Batch:
             )
         return replace(self, positions=positions)
 
+    def select(self, systems: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+        """The structures ``systems`` ((k,) int64, increasing) as a new batch, and the (n_atoms of those,) int64
+        indices of their atoms in this batch (``positions[atoms]`` are the new batch's positions). Not validated
+        again: the structures were valid here."""
+        keep = torch.zeros(self.n_systems, dtype=torch.bool, device=self.device)
+        keep[systems] = True
+        atoms = keep[self.system].nonzero().flatten()
+        counts = self.n_atoms_per_system[systems]
+        system = torch.repeat_interleave(torch.arange(len(systems), device=self.device), counts)
+        selected = Batch(
+            positions=self.positions[atoms],
+            numbers=self.numbers[atoms],
+            masses=self.masses[atoms],
+            system=system,
+            cell=self.cell[systems],
+            pbc=self.pbc[systems],
+            n_atoms_per_system=counts,
+        )
+        return selected, atoms
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise :class:`BatchValidationError` naming the structure (and atom) at fault.

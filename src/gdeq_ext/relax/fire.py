@@ -75,6 +75,7 @@ def fire(
     force_fn: ForceFn | None = None,
     step_offset: int = 0,
     warn: bool = True,
+    compact: bool = True,
 ) -> FIREResult:
     """Relax every structure of ``batch`` with FIRE until fmax < ``fmax`` eV/Å or ``max_steps`` steps.
 
@@ -88,6 +89,12 @@ def fire(
         verlet: neighbor list reused across steps (rebuilt when an atom moved > skin/2), or None.
         force_fn: see :mod:`gdeq_ext.relax.forces`.
         step_offset: added to step numbers in error messages (e.g. the window length of a hybrid run).
+        compact: drop finished structures from the batch that is evaluated (default True): whenever at most half
+            of the structures being evaluated are still moving, the rest leave it, so the slowest structure no
+            longer makes every converged one pay a force evaluation per step. Each structure's trajectory is its
+            own either way (FIRE's state is per structure); only the summation order of forces can change, by
+            round-off. One evaluation of the whole batch at the end gives the returned energies, forces and
+            neighbor list.
 
     A structure in which some atom ends with no neighbour within the potential's cutoff (it flew off: its
     force is zero because nothing is near it) is not reported as converged: ``separated`` flags it and, with
@@ -99,16 +106,16 @@ def fire(
     """
     p = parameters or FIREParameters()
     force_fn = default_force_fn(force_fn)
-    system, n_systems = batch.system, batch.n_systems
+    n_systems = batch.n_systems
     x = batch.positions.detach().clone()
 
-    def evaluate(positions):
-        current = batch.with_positions(positions)
-        edges = edges_for(verlet, current)
+    def evaluate(structures: Batch, positions, neighbors):
+        current = structures.with_positions(positions)
+        edges = edges_for(neighbors, current)
         energy, forces = force_fn(potential, current, edges, create_graph=False)
         return energy.detach(), forces.detach(), edges
 
-    energy, forces, edges = evaluate(x)
+    energy, forces, edges = evaluate(batch, x, verlet)
     steps = torch.zeros(n_systems, dtype=torch.int64, device=x.device)
     check_finite(forces, batch, steps + step_offset, where="FIRE relaxation", energy=energy)
     f_max = structure_fmax(forces, batch)
@@ -121,46 +128,81 @@ def fire(
     downhill_count = torch.zeros(n_systems, dtype=torch.int64, device=x.device)
     started = torch.zeros(n_systems, dtype=torch.bool, device=x.device)
 
-    while bool(active.any()):
-        vf = structure_dot(forces, velocity, system, n_systems)
-        f2 = structure_dot(forces, forces, system, n_systems)
-        v2 = structure_dot(velocity, velocity, system, n_systems)
-        uphill = started & ~(vf > 0.0)
-        downhill = started & (vf > 0.0)
+    # The working set: the structures still evaluated (all, until compaction), their atoms in the whole batch, and
+    # the working copies of the per-structure state. The whole-batch tensors above are kept up to date.
+    work, members, atoms = batch, None, None  # members / atoms None: the working set is the whole batch
+    w_x, w_forces, w_velocity = x, forces, velocity
+    w_dt, w_a, w_downhill, w_started, w_steps = dt, a, downhill_count, started, steps
+    w_converged, w_active, w_neighbors = converged, active, verlet
+    while True:
+        n_active = int(w_active.sum())  # the loop's one host sync per step, as before
+        if n_active == 0:
+            break
+        if compact and work.n_systems > 1 and n_active <= work.n_systems // 2:
+            keep = w_active.nonzero().flatten()
+            work, local_atoms = work.select(keep)
+            members = keep if members is None else members[keep]
+            atoms = local_atoms if atoms is None else atoms[local_atoms]
+            w_x, w_forces, w_velocity = w_x[local_atoms], w_forces[local_atoms], w_velocity[local_atoms]
+            w_dt, w_a, w_downhill, w_started = w_dt[keep], w_a[keep], w_downhill[keep], w_started[keep]
+            w_steps, w_converged, w_active = w_steps[keep], w_converged[keep], w_active[keep]
+            # A list of its own for the smaller batch: the caller's list stays the whole batch's.
+            w_neighbors = None if verlet is None else VerletList(verlet.cutoff, verlet.skin, verlet.max_step)
+        system, n_work = work.system, work.n_systems
+        vf = structure_dot(w_forces, w_velocity, system, n_work)
+        f2 = structure_dot(w_forces, w_forces, system, n_work)
+        v2 = structure_dot(w_velocity, w_velocity, system, n_work)
+        uphill = w_started & ~(vf > 0.0)
+        downhill = w_started & (vf > 0.0)
         # vf > 0 implies |F| > 0, so the division is safe where it is used.
-        mixed = (1.0 - per_atom(a, system)) * velocity + per_atom(a, system) * forces / per_atom(
+        mixed = (1.0 - per_atom(w_a, system)) * w_velocity + per_atom(w_a, system) * w_forces / per_atom(
             torch.where(downhill, f2, 1.0).sqrt(), system
         ) * per_atom(v2.sqrt(), system)
-        velocity = torch.where(per_atom(downhill, system), mixed, velocity)
-        velocity = torch.where(per_atom(uphill, system), 0.0, velocity)
-        grow = downhill & (downhill_count > p.Nmin)
-        dt = torch.where(grow, torch.clamp(dt * p.finc, max=p.dtmax), dt)
-        a = torch.where(grow, a * p.fa, a)
-        downhill_count = torch.where(downhill, downhill_count + 1, downhill_count)
-        a = torch.where(uphill, torch.full_like(a, p.astart), a)
-        dt = torch.where(uphill, dt * p.fdec, dt)
-        downhill_count = torch.where(uphill, 0, downhill_count)
+        w_velocity = torch.where(per_atom(downhill, system), mixed, w_velocity)
+        w_velocity = torch.where(per_atom(uphill, system), 0.0, w_velocity)
+        grow = downhill & (w_downhill > p.Nmin)
+        w_dt = torch.where(grow, torch.clamp(w_dt * p.finc, max=p.dtmax), w_dt)
+        w_a = torch.where(grow, w_a * p.fa, w_a)
+        w_downhill = torch.where(downhill, w_downhill + 1, w_downhill)
+        w_a = torch.where(uphill, torch.full_like(w_a, p.astart), w_a)
+        w_dt = torch.where(uphill, w_dt * p.fdec, w_dt)
+        w_downhill = torch.where(uphill, 0, w_downhill)
 
-        velocity = velocity + per_atom(dt, system) * forces
-        dr = per_atom(dt, system) * velocity
-        norm = structure_dot(dr, dr, system, n_systems).sqrt()
+        w_velocity = w_velocity + per_atom(w_dt, system) * w_forces
+        dr = per_atom(w_dt, system) * w_velocity
+        norm = structure_dot(dr, dr, system, n_work).sqrt()
         scale = torch.where(norm > p.maxstep, p.maxstep / torch.where(norm > p.maxstep, norm, 1.0), 1.0)
-        dr = torch.where(per_atom(active, system), dr * per_atom(scale, system), 0.0)
-        x = x + dr
-        started |= active
-        steps += active
+        dr = torch.where(per_atom(w_active, system), dr * per_atom(scale, system), 0.0)
+        w_x = w_x + dr
+        w_started |= w_active
+        w_steps = w_steps + w_active
 
-        energy, forces, edges = evaluate(x)
-        check_finite(forces, batch, steps + step_offset, active=active, where="FIRE relaxation", energy=energy)
-        f_max = structure_fmax(forces, batch)
+        w_energy, w_forces, edges = evaluate(work, w_x, w_neighbors)
+        if members is None:
+            x, energy, forces, steps, moving = w_x, w_energy, w_forces, w_steps, w_active
+        else:
+            x, energy, forces, steps = x.clone(), energy.clone(), forces.clone(), steps.clone()
+            x[atoms], energy[members], forces[atoms], steps[members] = w_x, w_energy, w_forces, w_steps
+            moving = torch.zeros_like(active)
+            moving[members] = w_active
+        check_finite(forces, batch, steps + step_offset, active=moving, where="FIRE relaxation", energy=energy)
+        w_fmax = structure_fmax(w_forces, work)
         # A frozen structure stays converged even if a rebuilt neighbor list changes its forces by round-off.
-        converged = converged | (active & (f_max < fmax))
-        active = ~converged & (steps < max_steps)
+        w_converged = w_converged | (w_active & (w_fmax < fmax))
+        w_active = ~w_converged & (w_steps < max_steps)
+        if members is None:
+            f_max, converged = w_fmax, w_converged
+        else:
+            f_max, converged = f_max.clone(), converged.clone()
+            f_max[members], converged[members] = w_fmax, w_converged
 
+    if members is not None:  # the returned energies, forces and neighbor list are the whole batch's
+        energy, forces, edges = evaluate(batch, x, verlet)
+        f_max = structure_fmax(forces, batch)
     separated = torch.zeros_like(converged)
     if edges is not None and verlet is not None:
         lonely = isolated_atoms(batch.with_positions(x), edges, verlet.cutoff)
-        separated[system[lonely]] = True
+        separated[batch.system[lonely]] = True
         if warn and bool(separated.any()):
             details = "; ".join(
                 f"structure {s}: atoms {(lonely[a:b]).nonzero().flatten().tolist()[:8]}"

@@ -97,6 +97,7 @@ class ImplicitRelax:
             force_fn=self.force_fn,
             step_offset=step_offset,
             warn=self.warn,
+            compact=self.fire_options.compact,
         )
         if self.polish.newton_steps == 0 and self.polish.curvature_steps == 0:
             return solved, PolishResult.unpolished(solved)

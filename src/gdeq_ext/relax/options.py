@@ -77,12 +77,15 @@ class FIREOptions:
         max_steps: FIRE steps per structure at most (default 1000); structures that hit it are reported.
         skin: Å, the Verlet skin of our own potentials (default 0.5; 0 rebuilds the list every step).
         parameters: :class:`FIREParameters` (default ASE's dt, dtmax, maxstep, ...).
+        compact: finished structures leave the evaluated batch once at most half of it moves (default True;
+            :func:`~gdeq_ext.relax.fire`).
     """
 
     fmax: float = 0.01
     max_steps: int = 1000
     skin: float = 0.5
     parameters: FIREParameters = field(default_factory=FIREParameters)
+    compact: bool = True
 
     def __post_init__(self):
         check_positive("fmax", self.fmax, allow_zero=True)
