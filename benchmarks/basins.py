@@ -228,8 +228,9 @@ def base_model(protocol: dict, folder: Path, model: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- cells
-def evaluate(model, starts, protocol: dict, ends=None) -> dict:
-    """Relax ``starts`` with ``model`` (FIRE, fmax 0.01 eV/Å) and judge each end state by the SW-quench criterion."""
+def evaluate(model, starts, protocol: dict, ends=None, teacher=None) -> dict:
+    """Relax ``starts`` with ``model`` (FIRE, fmax 0.01 eV/Å) and judge each end state by the teacher-quench criterion
+    (``teacher`` default SW)."""
     from gdeq_ext import Batch, delta_q
     from gdeq_ext.datasets.basins import judge_basins
     from gdeq_ext.datasets.relaxations import relax_starts
@@ -240,7 +241,8 @@ def evaluate(model, starts, protocol: dict, ends=None) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ends = relax_starts(model, starts, fmax=0.01, max_steps=protocol["max_steps"])
-    judged = judge_basins(starts, [e["positions"] for e in ends], StillingerWeber())
+    teacher = teacher if teacher is not None else StillingerWeber()
+    judged = judge_basins(starts, [e["positions"] for e in ends], teacher)
     batch = Batch.from_ase(starts, dtype=torch.float64)
     target = torch.as_tensor(np.concatenate([a.arrays["target"] for a in starts]), dtype=torch.float64)
     positions = torch.as_tensor(np.concatenate([e["positions"] for e in ends]), dtype=torch.float64)
@@ -317,26 +319,12 @@ def run_base_cell(spec: dict) -> str:
 
 def run_training_cell(spec: dict) -> str:
     """Fine-tune the base with one method, learning rate and seed (resuming its checkpoints), then evaluate."""
-    from gdeq_ext.potentials import MLIP
-    from gdeq_ext.train import fit_relaxation
-    from gdeq_ext.train.metrics import TrainingStepError
-
     started = time.perf_counter()
     protocol, method = spec["protocol"], Method(**spec["method"])
     data = dataset(protocol)
-    model = MLIP.load(spec["base"]).to(dtype=getattr(torch, protocol["dtype"]), device=spec["device"])
-    config = training_config(method, protocol, spec["lr"], spec["seed"], spec["device"])
-    failed, history, train_time = None, [], 0.0
-    try:
-        result = fit_relaxation(
-            model, pairs_of(data.train, "silicon_defects train"), config=config, output_dir=spec["run"]
-        )
-        history, train_time = result.history, result.train_time_s
-    except TrainingStepError as error:  # a diverging model: reported, its last good weights evaluated
-        failed = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-        history = _history_of(spec["run"])
-        train_time = sum(row.get("step_time_s") or 0.0 for row in history)
-    rows = [row for row in history if row.get("step")]
+    model, train = fine_tune(
+        method, spec["base"], data.train, protocol, spec["lr"], spec["seed"], spec["device"], spec["run"]
+    )
     weights = Path(spec["path"]).with_suffix(".pt")
     model.save(weights)
     payload = {
@@ -344,20 +332,8 @@ def run_training_cell(spec: dict) -> str:
         "method": asdict(method),
         "lr": spec["lr"],
         "seed": spec["seed"],
-        "train": {
-            "failed": failed,
-            "steps_done": len(rows),
-            "train_time_s": train_time,
-            "losses": [row.get("loss") for row in rows],
-            "grad_norms": [row.get("grad_norm") for row in rows],
-            "skipped": int(sum(row.get("skipped") or 0 for row in rows)),
-            "saddles": int(sum(row.get("saddles") or 0 for row in rows)),
-            "inexact": int(sum(row.get("inexact") or 0 for row in rows)),
-            "solve_failed": int(sum(row.get("solve_failed") or 0 for row in rows)),
-            "nonfinite_gradient": int(sum(row.get("nonfinite_gradient") or 0 for row in rows)),
-            "peak_memory_mib": max((row.get("peak_memory_mib") or 0.0 for row in rows), default=None),
-        },
-        "config": config,
+        "train": train,
+        "config": training_config(method, protocol, spec["lr"], spec["seed"], spec["device"]),
         "weights": weights.name,
     }
     payload["val"] = evaluate(model, data.val, protocol) if spec["validate"] and len(data.val) else None
@@ -365,6 +341,40 @@ def run_training_cell(spec: dict) -> str:
     payload.update(cell_time_s=time.perf_counter() - started, machine=machine(spec["device"]), commit=_git_commit())
     _write_atomic(Path(spec["path"]), payload)
     return spec["path"]
+
+
+def fine_tune(method: Method, base: str, starts, protocol: dict, lr: float, seed: int, device: str, run_dir=None):
+    """Fine-tune a copy of the base MLIP through relaxations of ``starts`` (ase.Atoms with ``arrays["target"]``)
+    with :func:`gdeq_ext.train.fit_relaxation`; returns (model, training record). A run that diverges is reported
+    (``failed``) and its last good weights returned. ``run_dir``: checkpoints, so an interrupted run resumes."""
+    from gdeq_ext.potentials import MLIP
+    from gdeq_ext.train import fit_relaxation
+    from gdeq_ext.train.metrics import TrainingStepError
+
+    model = MLIP.load(base).to(dtype=getattr(torch, protocol["dtype"]), device=device)
+    config = training_config(method, protocol, lr, seed, device)
+    failed, history, train_time = None, [], 0.0
+    try:
+        result = fit_relaxation(model, pairs_of(starts, "fine-tuning starts"), config=config, output_dir=run_dir)
+        history, train_time = result.history, result.train_time_s
+    except TrainingStepError as error:  # a diverging model: reported, its last good weights evaluated
+        failed = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        history = _history_of(run_dir) if run_dir else []
+        train_time = sum(row.get("step_time_s") or 0.0 for row in history)
+    rows = [row for row in history if row.get("step")]
+    return model, {
+        "failed": failed,
+        "steps_done": len(rows),
+        "train_time_s": train_time,
+        "losses": [row.get("loss") for row in rows],
+        "grad_norms": [row.get("grad_norm") for row in rows],
+        "skipped": int(sum(row.get("skipped") or 0 for row in rows)),
+        "saddles": int(sum(row.get("saddles") or 0 for row in rows)),
+        "inexact": int(sum(row.get("inexact") or 0 for row in rows)),
+        "solve_failed": int(sum(row.get("solve_failed") or 0 for row in rows)),
+        "nonfinite_gradient": int(sum(row.get("nonfinite_gradient") or 0 for row in rows)),
+        "peak_memory_mib": max((row.get("peak_memory_mib") or 0.0 for row in rows), default=None),
+    }
 
 
 def _history_of(run_dir: str) -> list[dict]:

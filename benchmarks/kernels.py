@@ -42,7 +42,7 @@ import torch
 from ase.build import bulk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_label, markdown_table, write_json  # noqa: E402
+from common import OUTPUT, machine, machine_label, markdown_table, write_json  # noqa: E402
 
 from gdeq_ext import Batch  # noqa: E402
 from gdeq_ext.neighbors import neighbor_list  # noqa: E402
@@ -322,7 +322,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", help="n for n³ cubic cells (8n³ atoms)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per measurement")
-    parser.add_argument("--output", default=str(RESULTS / "kernels"), help="path prefix of .json/.md/.png")
+    parser.add_argument(
+        "--output",
+        default=str(OUTPUT / "kernels"),
+        help="prefix of .json/.md/.png (default untracked; committed: benchmarks/results/kernels)",
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)
     payload = benchmark(args)

@@ -35,7 +35,7 @@ import torch
 from ase.build import bulk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_label, markdown_table, write_json  # noqa: E402
+from common import OUTPUT, machine, machine_label, markdown_table, write_json  # noqa: E402
 
 import gdeq_ext  # noqa: E402
 from gdeq_ext.neighbors import VerletList  # noqa: E402
@@ -401,7 +401,12 @@ def main() -> None:
         default="all",
         help="all (default): CPU, and GPU when one is visible",
     )
-    parser.add_argument("--output", type=Path, default=RESULTS / "neighbors")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=OUTPUT / "neighbors",
+        help="prefix of the outputs (default untracked; committed: benchmarks/results/neighbors)",
+    )
     parser.add_argument("--repeats", type=int, nargs="+", help="n of the n³-cell supercells (default: by --quick)")
     parser.add_argument("--batches", type=int, nargs="+", help="structures per batch (default: by --quick)")
     args = parser.parse_args()

@@ -5,7 +5,7 @@
 
 Systems (teacher → student):
 
-* **silicon defects** — Stillinger-Weber → the bulk-fitted base MLIP of benchmarks/basins.py (64-site cells);
+* **silicon defects** — Stillinger-Weber → the basin study's committed bulk-fitted base MLIP (64-site cells);
 * **Cu (EMT)** — ASE's EMT → an MLIP(species=(29,)) fitted by force matching to EMT on rattled bulk fcc cells and
   rattled clean fcc(111) slabs (no adatom, no vacancy). Starts: a Cu adatom dropped 2 Å above a 3×3×3 fcc(111)
   slab at a random lateral position (fcc vs hcp hollow), and a vacancy in a 32-atom fcc cell with its 12 neighbours
@@ -16,7 +16,7 @@ Systems (teacher → student):
   to 100 times, else it stays) while it is closer than 0.8 r_min = 1.8 Å to another atom (the r^-12 wall).
 
 For each: :func:`gdeq_ext.diagnose` on the test starts (the four conditions and the verdict), the base's
-correct-basin rate, and the rate after hybrid fine-tuning (K = 10, same loop as benchmarks/basins.py).
+correct-basin rate, and the rate after hybrid fine-tuning (K = 10, ``fit_relaxation`` as in benchmarks/basins.py).
 Teachers given as ASE calculators relax with ``ase.optimize.FIRE`` (fmax 0.01, refined to 1e-4); students with our
 batched FIRE (same algorithm). Writes benchmarks/results/regime.{json,md}.
 """
@@ -35,8 +35,8 @@ import torch
 from ase import Atoms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from basins import Method, evaluate, fine_tune  # noqa: E402
-from common import RESULTS, fit_and_save, machine, machine_label, markdown_table, write_json  # noqa: E402
+from basins import QUICK, Method, evaluate, fine_tune  # noqa: E402
+from common import OUTPUT, RESULTS, fit_and_save, machine, machine_label, markdown_table, write_json  # noqa: E402
 
 from gdeq_ext import diagnose, silicon_defects  # noqa: E402
 from gdeq_ext.datasets.relaxations import ase_relax  # noqa: E402
@@ -164,16 +164,13 @@ def systems(args) -> list[dict]:
     out = []
     # silicon: the basins.py base and data set
     data = silicon_defects(n_train=n_train, n_val=0, n_test=n_test, sizes=(64,), seed=args.data_seed, cache=str(CACHE))
-    from basins import base_model
-
-    base_args = argparse.Namespace(model=args.silicon_model, quick=args.quick, dtype=args.dtype)
     out.append(
         dict(
             name="silicon defects (SW)",
             train=data.train,
             test=data.test,
             teacher=StillingerWeber(),
-            base=base_model(base_args),
+            base=args.silicon_model or str(RESULTS / "basins_full" / "base.pt"),
             tolerance=0.005,
             student="MLIP fitted to SW forces on bulk cells (benchmarks/basins.py)",
         )
@@ -250,7 +247,11 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--silicon-model", help="base MLIP for silicon (default: benchmarks/basins.py's)")
-    parser.add_argument("--output", default=str(RESULTS / "regime"))
+    parser.add_argument(
+        "--output",
+        default=str(OUTPUT / "regime"),
+        help="prefix of the outputs (default untracked; committed: benchmarks/results/regime)",
+    )
     args = parser.parse_args()
     if not args.device.startswith("cuda"):
         torch.set_num_threads(1)
@@ -260,8 +261,8 @@ def main() -> None:
     args.n_test = args.n_test or (12 if q else 100)
     args.steps = args.steps if args.steps is not None else (6 if q else 100)
     args.fit_time = args.fit_time or (90 if q else 1800)
-    # the fine-tuning settings benchmarks/basins.py's loop reads
-    args.batch_size, args.alpha, args.max_steps, args.clip = 4, 0.03, 3000, 1.0
+    # the fine-tuning protocol of benchmarks/basins.py (fit_relaxation), at this benchmark's budget
+    protocol = dict(QUICK, steps=args.steps, batch_size=4, dtype=args.dtype, polish=False)
     info = machine(args.device)
     print(f"regime map on {machine_label(info)}", flush=True)
     rows, records = [], []
@@ -278,8 +279,8 @@ def main() -> None:
                 window=args.window,
                 energy_tolerance=system["tolerance"],
             )
-            model, train = fine_tune(method, system["base"], system["train"], args, args.lr, seed=0)
-            tuned = evaluate(model, system["test"], args, teacher=system["teacher"])
+            model, train = fine_tune(method, system["base"], system["train"], protocol, args.lr, 0, args.device)
+            tuned = evaluate(model, system["test"], protocol, teacher=system["teacher"])
         n = len(system["test"])
         c = diagnosis.conditions
         rows.append(
@@ -323,7 +324,7 @@ def main() -> None:
     heading = (
         f"Regime map ({'quick CPU run' if q else 'full run'}): {args.n_test} test starts and {args.n_train} "
         f"fine-tuning starts per system, hybrid K={args.window} fine-tuned {args.steps} Adam steps × "
-        f"{args.batch_size} starts "
+        f"{protocol['batch_size']} starts "
         f"(lr {args.lr:g}, one seed), {args.dtype}; measured {info['date']} on {machine_label(info)}. ✓/✗: condition "
         f"holds (thresholds: relative force error ≤ 0.35, ≥ 2 teacher minima in a group, ≥ 5% wrong, K ≥ 0.1 × "
         f"median FIRE steps)."

@@ -13,12 +13,12 @@ from gdeq_ext.relax.checks import check_finite, structure_fmax
 from gdeq_ext.relax.forces import ForceFn, default_force_fn, edges_for, make_verlet
 from gdeq_ext.relax.options import BPTT_STEPS, FIREOptions, WindowOptions, route_fields
 from gdeq_ext.relax.result import RelaxResult
-from gdeq_ext.relax.window import unroll
+from gdeq_ext.relax.window import Unrolled
 
 __all__ = ["BPTTRelax"]
 
 
-class BPTTRelax:
+class BPTTRelax(Unrolled):
     """Relax with T differentiated steps X <- X + cap(αF_θ(X)); dL/dθ by autograd through all of them.
 
     We unroll the window map, not FIRE: the map is the fixed-point iteration of docs/method.md, smooth
@@ -67,22 +67,11 @@ class BPTTRelax:
         self.force_fn = default_force_fn(force_fn)
         self.parameters = None if parameters is None else list(parameters)
 
-    # The window settings by name (read-only views of ``window_options``).
-    steps = property(lambda self: self.window_options.steps)
-    alpha = property(lambda self: self.window_options.alpha)
-    maxstep = property(lambda self: self.window_options.maxstep)
-    checkpoint = property(lambda self: self.window_options.checkpoint)
+    steps = property(lambda self: self.window_options.steps)  # T (K); alpha, maxstep, checkpoint: Unrolled
 
     def __call__(self, batch: Batch) -> RelaxResult:
         verlet = make_verlet(self.potential, self.skin)
-        states = unroll(
-            self.potential,
-            batch,
-            self.window_options,
-            verlet=verlet,
-            force_fn=self.force_fn,
-            parameters=self.parameters,
-        )
+        states = self.unroll(batch, verlet)
         final = states[-1] if states else batch.positions
         report = batch.with_positions(final.detach())
         energy, forces = self.force_fn(self.potential, report, edges_for(verlet, report), create_graph=False)

@@ -16,12 +16,12 @@ from gdeq_ext.relax.implicit import ImplicitRelax
 from gdeq_ext.relax.options import HYBRID_WINDOW, FIREOptions, WindowOptions, route_fields
 from gdeq_ext.relax.polish import PolishOptions
 from gdeq_ext.relax.result import RelaxResult
-from gdeq_ext.relax.window import unroll
+from gdeq_ext.relax.window import Unrolled
 
 __all__ = ["HybridRelax"]
 
 
-class HybridRelax(ImplicitRelax):
+class HybridRelax(Unrolled, ImplicitRelax):
     """The formulation of docs/method.md:
 
         X_1..X_K = K differentiated steps X <- X + cap(αF_θ(X)) from X_0   (guidance window, with graph)
@@ -84,22 +84,11 @@ class HybridRelax(ImplicitRelax):
         self.window_options: WindowOptions = window
         self.handoff = float(handoff)
 
-    # The window settings by name (read-only views of ``window_options``).
-    window = property(lambda self: self.window_options.steps)
-    alpha = property(lambda self: self.window_options.alpha)
-    maxstep = property(lambda self: self.window_options.maxstep)
-    checkpoint = property(lambda self: self.window_options.checkpoint)
+    window = property(lambda self: self.window_options.steps)  # T (K); alpha, maxstep, checkpoint: Unrolled
 
     def __call__(self, batch: Batch) -> RelaxResult:
         verlet = make_verlet(self.potential, self.skin)
-        states = unroll(
-            self.potential,
-            batch,
-            self.window_options,
-            verlet=verlet,
-            force_fn=self.force_fn,
-            parameters=self.parameters,
-        )
+        states = self.unroll(batch, verlet)
         anchor = states[-1] if states else None
         start = batch if anchor is None else batch.with_positions(anchor.detach())
         solved, polished = self._solve(start, verlet, step_offset=self.window)

@@ -158,3 +158,22 @@ def unroll(
         checkpoint=options.checkpoint,
         parameters=parameters,
     )
+
+
+class Unrolled:
+    """Mixin of the relaxations with a differentiated window (BPTT, hybrid): the window's settings by name
+    (read-only views of ``self.window_options``) and the unrolled states from a batch."""
+
+    alpha = property(lambda self: self.window_options.alpha)
+    maxstep = property(lambda self: self.window_options.maxstep)
+    checkpoint = property(lambda self: self.window_options.checkpoint)
+
+    def unroll(self, batch: Batch, verlet) -> tuple[torch.Tensor, ...]:
+        return unroll(
+            self.potential,
+            batch,
+            self.window_options,
+            verlet=verlet,
+            force_fn=self.force_fn,
+            parameters=self.parameters,
+        )
