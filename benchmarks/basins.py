@@ -317,6 +317,82 @@ def run_base_cell(spec: dict) -> str:
     return spec["path"]
 
 
+DECIDED_STEPS = (0, 5, 10, 20, 30, 50, 100, 200)
+
+
+def run_decided_cell(spec: dict) -> str:
+    """Where is the basin decided? For each test start, the base's window map (the differentiated map, no graph)
+    runs K steps; SW quenches X_K (FIRE to 0.01, refined to 1e-4 eV/Å); "decided by K": that quench lands where SW's
+    quench of the base's relaxed end state lands (largest per-atom deviation < 0.1 Å); "teacher-correct from X_K":
+    it lands on the target (SW's end from the start). A window of K steps can only move a start across a basin
+    boundary if the basin is not yet decided by K."""
+    from window_map import trajectory
+
+    from gdeq_ext import Batch
+    from gdeq_ext.datasets.basins import structure_distance
+    from gdeq_ext.datasets.relaxations import relax_starts
+    from gdeq_ext.potentials import MLIP, StillingerWeber
+
+    started = time.perf_counter()
+    protocol = spec["protocol"]
+    dtype = getattr(torch, protocol["dtype"])
+    starts = dataset(protocol).test
+    model = MLIP.load(spec["base"]).to(dtype=dtype, device=spec["device"])
+    teacher = StillingerWeber()
+    ends = relax_starts(model, starts, fmax=0.01, max_steps=protocol["max_steps"])
+
+    def quench(positions):
+        moved = []
+        for atoms, x in zip(starts, positions, strict=True):
+            copy = atoms.copy()
+            copy.set_positions(np.asarray(x, dtype=np.float64))
+            moved.append(copy)
+        return [r["positions"] for r in relax_starts(teacher, moved, fmax=0.01, max_steps=3000, refine_fmax=1e-4)]
+
+    def same(first, second) -> list[bool]:
+        return [
+            bool(structure_distance(a, b, s.cell.array, s.pbc, s.numbers).max_deviation < 0.1)
+            for a, b, s in zip(first, second, starts, strict=True)
+        ]
+
+    final = quench([e["positions"] for e in ends])
+    targets = [s.arrays["target"] for s in starts]
+    batch = Batch.from_ase(starts, dtype=dtype, device=spec["device"])
+    states, _, _ = trajectory(model, batch, protocol["alpha"], max(DECIDED_STEPS), DECIDED_STEPS)
+    ranges = batch.ranges()
+    rows = []
+    for k in DECIDED_STEPS:
+        at_k = quench([states[k][lo:hi] for lo, hi in ranges])
+        decided, correct = same(at_k, final), same(at_k, targets)
+        rows.append({"K": k, "decided": decided, "teacher_correct_from_x_k": correct})
+    payload = {
+        "cell": "decided",
+        "alpha": protocol["alpha"],
+        "base_correct": same(final, targets),
+        "rows": rows,
+        "cell_time_s": time.perf_counter() - started,
+        "machine": machine(spec["device"]),
+        "commit": _git_commit(),
+    }
+    _write_atomic(Path(spec["path"]), payload)
+    return spec["path"]
+
+
+def decided_table(cell: dict) -> str:
+    n = len(cell["base_correct"])
+    lines = [
+        f"| K (map steps, α = {cell['alpha']:g}) | decided: SW from X_K lands where the base's relaxation does "
+        "| SW from X_K lands on the target |",
+        "|---|---|---|",
+    ]
+    for row in cell["rows"]:
+        lines.append(f"| {row['K']} | {sum(row['decided'])}/{n} | {sum(row['teacher_correct_from_x_k'])}/{n} |")
+    return (
+        "Where the basin is decided (test starts, the base's window map; the base's own relaxation is correct on "
+        f"{sum(cell['base_correct'])}/{n}):\n\n" + "\n".join(lines) + "\n"
+    )
+
+
 def run_training_cell(spec: dict) -> str:
     """Fine-tune the base with one method, learning rate and seed (resuming its checkpoints), then evaluate."""
     started = time.perf_counter()
@@ -512,6 +588,10 @@ class Study:
         if not base_path.exists():
             todo.append({"kind": "base", "name": "base", "protocol": self.protocol, "base": self.base,
                          "device": self.device, "path": str(base_path)})  # fmt: skip
+        decided = self.folder / "cells" / "decided.json"
+        if not decided.exists():
+            todo.append({"kind": "decided", "name": "where the basin is decided", "protocol": self.protocol,
+                         "base": self.base, "device": self.device, "path": str(decided)})  # fmt: skip
         if self.memory:
             for method in self.methods:
                 path = self.folder / "memory" / f"{method.slug}.json"
@@ -563,6 +643,10 @@ class Study:
         base = summary.get("base") or {}
         if base.get("diagnosis"):
             text += "\n" + (self.read(self.folder / "cells" / "base.json") or {}).get("diagnosis_report", "") + "\n"
+        decided = self.read(self.folder / "cells" / "decided.json")
+        if decided:
+            text += "\n" + decided_table(decided)
+            summary["decided"] = decided
         write_json(self.folder / "summary.json", summary)
         (self.folder / "summary.md").write_text(text)
         basin_report.plot(summary, self.folder / "summary.png", f"Basin selection, silicon defects — {label}")
@@ -603,6 +687,8 @@ def run_cell(spec: dict) -> str | None:
             return run_base_cell(spec)
         if spec["kind"] == "memory":
             return run_memory_cell(spec)
+        if spec["kind"] == "decided":
+            return run_decided_cell(spec)
         return run_training_cell(spec)
     finally:
         lock_path(path).unlink(missing_ok=True)

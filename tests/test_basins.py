@@ -129,6 +129,9 @@ def test_basins_benchmark_tiny_end_to_end(tmp_path):
     assert cell["train"]["steps_done"] == 1 and len(cell["test"]["per_start_correct"]) == 3
     assert report["base"]["diagnosis"]["verdict"] in {"headroom", "no headroom"}
     assert "vs BPTT" in (output / "summary.md").read_text()
+    decided = json.loads((output / "cells" / "decided.json").read_text())
+    assert [row["K"] for row in decided["rows"]][:3] == [0, 5, 10] and len(decided["base_correct"]) == 3
+    assert "Where the basin is decided" in (output / "summary.md").read_text()
     assert (output / "summary.png").stat().st_size > 0
 
     before = {p: p.stat().st_mtime_ns for p in cell_files}
