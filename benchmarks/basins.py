@@ -765,10 +765,19 @@ def main() -> None:
     parser.add_argument("--model", help="a saved base MLIP (default: the study's base.pt, fitted if missing)")
     parser.add_argument("--methods", nargs="+", help="only methods whose names start with these")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory cells")
-    for key, kind in [("seeds", int), ("steps", int), ("batch_size", int), ("bptt_steps", int),
-                      ("variant_window", int), ("max_steps", int), ("n_train", int), ("n_val", int),
-                      ("n_test", int), ("data_seed", int), ("alpha", float), ("clip", float)]:  # fmt: skip
-        parser.add_argument("--" + key.replace("_", "-"), type=kind, help=f"protocol: {key}")
+    # Spelled out one by one (scripts/gpu_campaign.sh checks the flags it passes by name).
+    parser.add_argument("--seeds", type=int, help="protocol: seeds (quick 2, full 5)")
+    parser.add_argument("--steps", type=int, help="protocol: Adam steps per run (quick 4, full 100)")
+    parser.add_argument("--batch-size", type=int, help="protocol: starts per step (quick 4, full 8)")
+    parser.add_argument("--bptt-steps", type=int, help="protocol: T of BPTT (quick 100, full 200)")
+    parser.add_argument("--variant-window", type=int, help="protocol: K of the hand-off variants (quick 10, full 20)")
+    parser.add_argument("--max-steps", type=int, help="protocol: FIRE step limit (3000)")
+    parser.add_argument("--n-train", type=int, help="protocol: training starts (quick 24, full 200)")
+    parser.add_argument("--n-val", type=int, help="protocol: validation starts (quick 8, full 50)")
+    parser.add_argument("--n-test", type=int, help="protocol: test starts (quick 16, full 100)")
+    parser.add_argument("--data-seed", type=int, help="protocol: the data set's seed (0)")
+    parser.add_argument("--alpha", type=float, help="protocol: Å²/eV, step of the differentiated map (0.03)")
+    parser.add_argument("--clip", type=float, help="protocol: gradient-norm clip (1.0)")
     parser.add_argument("--lrs", type=float, nargs="+", help="protocol: learning-rate grid")
     parser.add_argument("--windows", type=int, nargs="+", help="protocol: hybrid K")
     parser.add_argument("--sizes", type=int, nargs="+", help="protocol: cell sizes (sites)")
