@@ -13,16 +13,18 @@ from gdeq_ext.datasets.silicon_defects import silicon_defects
 from gdeq_ext.diagnose import diagnose
 from gdeq_ext.loss import delta_q
 from gdeq_ext.neighbors import edge_vectors, edge_vectors_reference, neighbor_list, neighbor_list_reference
-from gdeq_ext.potentials import MLIP, StillingerWeber
+from gdeq_ext.potentials import MLIP, MACEPotential, StillingerWeber, Transformer
 from gdeq_ext.relax import BPTTRelax, HybridRelax, ImplicitRelax, RelaxResult
 
 __all__ = [
     "HAVE_EXTENSION",
     "MLIP",
+    "MACEPotential",
     "Batch",
     "BatchValidationError",
     "ExtensionVersionError",
     "StillingerWeber",
+    "Transformer",
     "__version__",
     "build_info",
     "edge_vectors",
