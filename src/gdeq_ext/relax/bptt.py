@@ -31,7 +31,8 @@ class BPTTRelax(Unrolled):
         potential: any module mapping a Batch to energies (n_systems,) eV.
         steps: T >= 0 (default 100), or a :class:`~gdeq_ext.relax.options.WindowOptions` (steps T, alpha 0.03
             Å²/eV, maxstep 0.2 Å; checkpoint False here: all T graphs are stored, the baseline's memory; True
-            recomputes each step's graph in backward, bit-identical gradients).
+            recomputes each step's graph in backward: the same gradients, bit for bit for a deterministic
+            potential, docs/method.md).
         fmax: eV/Å, only for the ``converged`` report at X_T (default 0.01, FIRE's).
         skin: Å, Verlet skin for our own potentials (default 0.5).
         force_fn: the force evaluation (default autograd through the potential; see relax/forces.py).

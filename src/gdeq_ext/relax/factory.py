@@ -40,8 +40,9 @@ class RelaxOptions:
         fmax: eV/Å, FIRE's tolerance (default 0.01; for bptt only whether ``converged`` is reported).
         max_steps: FIRE steps per structure at most (default 1000; implicit and hybrid).
         alpha: Å²/eV, step of the differentiated map X + αF (default 0.03); maxstep: Å, its per-atom cap (0.2).
-        checkpoint: recompute the differentiated steps in backward (bit-identical gradients, less memory);
-            None (default) keeps each mode's own default: on for the hybrid, off for bptt.
+        checkpoint: recompute the differentiated steps in backward (the same gradients, bit for bit for
+            a deterministic potential (docs/method.md), less memory); None (default) keeps each mode's own
+            default: on for the hybrid, off for bptt.
         solver: "cg" (default), "minres" or "fixed_point"; rtol (1e-6), atol (0), max_iter (None: the solver's
             default), damping (eV/Å², 0), project_rotations (True), fixed_point_alpha (0.01): the implicit solve.
         fire: FIRE's parameters (default ASE's). skin: Å, the Verlet skin (default 0.5).

@@ -39,7 +39,7 @@ class HybridRelax(Unrolled, ImplicitRelax):
         window: K >= 0 differentiated steps (default 10), or a :class:`~gdeq_ext.relax.options.WindowOptions`
             (steps K, alpha 0.03 Å²/eV, maxstep 0.2 Å, checkpoint True: each window step's graph is recomputed in
             backward, O(1) graphs of memory; ``checkpoint=False`` stores the K graphs; the gradients are
-            bit-identical).
+            the same, bit for bit for a deterministic potential: docs/method.md).
         handoff: β (default 1.0).
         fire, solve, polish, force_fn, parameters, warn, on_invalid: as :class:`ImplicitRelax`.
         **fields: any field of the window (alpha, maxstep, checkpoint), ``fire`` (fmax, max_steps, skin) or

@@ -52,7 +52,8 @@ class WindowOptions:
         alpha: Å²/eV, the step (default 0.03).
         maxstep: Å, the per-atom cap of one step (default 0.2, ASE's FIRE maxstep).
         checkpoint: recompute each step's graph in backward instead of storing it (default True: O(1) graphs;
-            gradients bit-identical either way). BPTT's default is False (the memory-hungry baseline, as measured).
+            gradients the same either way, bit for bit for a deterministic potential: docs/method.md). BPTT's
+            default is False (the memory-hungry baseline, as measured).
     """
 
     steps: int = HYBRID_WINDOW

@@ -11,8 +11,10 @@ Every step is one autograd node (:class:`_WindowStep`) whose backward differenti
 with respect to X_t and θ at once. With ``checkpoint=False`` that graph is built in forward and kept; with
 ``checkpoint=True`` only X_t (a node-level (n_atoms, 3) tensor) is kept and the graph is rebuilt in backward,
 so peak memory is the K states plus one step's graph. Both paths run the same operations and sum the same
-partial gradients in the same order, so the gradients are bit-identical wherever the potential's kernels are
-deterministic (e.g. on CPU). ``torch.utils.checkpoint`` is not used: the force is itself a gradient of the
+partial gradients in the same order, so the gradients are bit-identical when the potential returns the same bits at
+every call on the same input (SW, the MLIP, the Transformer and eager MACE on a CPU); with a TorchScript model (its
+profiling executor re-optimises during the first calls) or non-deterministic kernels (CUDA atomics) they agree to
+rounding only (docs/method.md). ``torch.utils.checkpoint`` is not used: the force is itself a gradient of the
 energy, so computing it inside a non-reentrant checkpoint unpacks the segment's saved tensors during the
 forward pass, which recomputes the segment and keeps the recomputed tensors alive until backward (it measured
 more memory than no checkpointing at all). The window is differentiable once (no double backward through the

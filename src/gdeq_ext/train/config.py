@@ -125,8 +125,8 @@ class RelaxConfig:
         max_relax_steps: FIRE steps per structure at most (default 1000).
         alpha: Å²/eV, step of the differentiated map (default 0.03); maxstep: Å, per-atom cap (default 0.2).
             (The defaults of window, bptt_steps and alpha are :mod:`gdeq_ext.relax.options`', with the reasons.)
-        checkpoint_window: recompute window steps in backward (bit-identical, less memory; default: the
-            mode's own default, on for hybrid and off for bptt).
+        checkpoint_window: recompute window steps in backward (the same gradients, bit for bit for a
+            deterministic potential, less memory; default: the mode's own default, on for hybrid and off for bptt).
         solver: Hessian solve, "cg" (default), "minres" or "fixed_point"; rtol: its relative tolerance
             (default 1e-6); max_iter: Hessian-vector products per structure at most (default 30 n_atoms + 10);
             damping: eV/Å² (default 0); atol: absolute tolerance of the solve (default 0); project_rotations:
