@@ -1,6 +1,7 @@
 """Basin selection on silicon point defects: fine-tune one base MLIP through relaxations with every gradient.
 
     python benchmarks/basins.py                       # quick CPU run (~10 min; writes runs/benchmarks/basins)
+    python benchmarks/basins.py --backbone mace       # the same with a MACE base (runs/benchmarks/basins_mace)
     python benchmarks/basins.py --full --output benchmarks/results/basins_full --resume --workers 2
     python benchmarks/basins.py --report benchmarks/results/basins_full     # re-render a study's summary
 
@@ -27,6 +28,14 @@ Evaluation: the fine-tuned model relaxes each start with FIRE (fmax 0.01); the e
 teacher and is **correct** when its largest per-atom deviation from SW's end state from the same start is below
 0.1 Å (:class:`gdeq_ext.datasets.BasinJudge`; atoms paired, net translation removed); the direct criterion (end
 state itself within 0.4 Å) is reported beside it. Statistics: benchmarks/basin_report.py.
+
+Backbones (``--backbone``, docs/backbones.md): ``mlip`` (default: gdeq_ext.MLIP, the study as committed), ``mace``
+(a small ScaleShiftMACE through gdeq_ext.potentials.MACEPotential: ``build_mace()``'s defaults) or ``transformer``
+(gdeq_ext.Transformer at its defaults). Any other backbone is recorded in protocol.json (``"backbone"``) and writes to
+its own default folder (``basins_<backbone>``, ``basins_full_<backbone>``), so cells of different backbones never
+mix; resuming a folder with another backbone stops with a message. ``--base-rattled``, ``--base-thermal`` and
+``--base-epochs`` shrink the base fit (96, 48, 400 by default), e.g. for a slower backbone on a CPU; they too are
+recorded in protocol.json only when given, so the MLIP study's protocol.json is unchanged.
 
 Expected run time (AMD EPYC, 1 thread per worker, float64): quick ~10 min; full ~6 to 20 min per cell, 24
 learning-rate cells and 36 seed cells: about 12 h with two workers, accumulated over several sessions.
@@ -101,6 +110,34 @@ FULL = dict(
     dtype="float64",
     polish=True,
 )
+
+
+BACKBONES = ("mlip", "mace", "transformer")
+# Protocol keys that exist only when set (absent: the MLIP study and its base fit as committed before --backbone).
+OPTIONAL_KEYS = {"backbone": "mlip", "base_rattled": 96, "base_thermal": 48, "base_epochs": 400}
+
+
+def option(protocol: dict, key: str):
+    return protocol.get(key, OPTIONAL_KEYS[key])
+
+
+def backbone_class(protocol: dict):
+    """The class whose ``load(path)`` reads this study's base.pt and fine-tuned weights."""
+    from gdeq_ext.potentials import MLIP, MACEPotential, Transformer
+
+    return {"mlip": MLIP, "mace": MACEPotential, "transformer": Transformer}[option(protocol, "backbone")]
+
+
+def new_backbone(protocol: dict):
+    """A fresh base potential of the study's backbone (its library defaults)."""
+    from gdeq_ext.potentials import MLIP, Transformer, build_mace
+
+    name = option(protocol, "backbone")
+    return MLIP() if name == "mlip" else build_mace() if name == "mace" else Transformer()
+
+
+def load_backbone(protocol: dict, path: str, device: str):
+    return backbone_class(protocol).load(path).to(dtype=getattr(torch, protocol["dtype"]), device=device)
 
 
 @dataclass(frozen=True)
@@ -204,23 +241,26 @@ def base_model(protocol: dict, folder: Path, model: str | None) -> str:
     path = folder / "base.pt"
     if path.exists():
         return str(path)
-    from gdeq_ext.potentials import MLIP, StillingerWeber
+    from gdeq_ext.potentials import StillingerWeber
     from gdeq_ext.train import fit_forces, silicon_dataset
     from gdeq_ext.train.state import seed_everything
 
-    print(f"fitting the base MLIP (96 rattled + 48 thermal bulk cells, 400 epochs) -> {path} ...", flush=True)
+    rattled, thermal, epochs = (option(protocol, k) for k in ("base_rattled", "base_thermal", "base_epochs"))
+    name = {"mlip": "MLIP", "mace": "MACE", "transformer": "Transformer"}[option(protocol, "backbone")]
+    print(f"fitting the base {name} ({rattled} rattled + {thermal} thermal bulk cells, {epochs} epochs) -> {path} ...",
+          flush=True)  # fmt: skip
     seed_everything(0)
     data = silicon_dataset(
-        96,
-        48,
+        rattled,
+        thermal,
         repeat=(2, 2, 2),
         potential=StillingerWeber(),
         amplitudes=(0.05, 0.1, 0.2, 0.3),
         strain=0.04,
         temperatures=(600.0, 1500.0, 2500.0),
     )
-    base = MLIP().to(getattr(torch, protocol["dtype"]))
-    result = fit_forces(base, data, epochs=400, patience=60, progress=False, seed=0)
+    base = new_backbone(protocol).to(getattr(torch, protocol["dtype"]))
+    result = fit_forces(base, data, epochs=epochs, patience=60, progress=False, seed=0)
     print("  " + result.summary(), flush=True)
     folder.mkdir(parents=True, exist_ok=True)
     base.save(path)
@@ -285,12 +325,12 @@ def run_base_cell(spec: dict) -> str:
     """Evaluate the base model on validation and test starts, and diagnose the regime."""
     from gdeq_ext.datasets.relaxations import relax_starts
     from gdeq_ext.diagnose import diagnose
-    from gdeq_ext.potentials import MLIP, StillingerWeber
+    from gdeq_ext.potentials import StillingerWeber
 
     started = time.perf_counter()
     protocol = spec["protocol"]
     data = dataset(protocol)
-    model = MLIP.load(spec["base"]).to(dtype=getattr(torch, protocol["dtype"]), device=spec["device"])
+    model = load_backbone(protocol, spec["base"], spec["device"])
     ends = relax_starts(model, data.test, fmax=0.01, max_steps=protocol["max_steps"])
     test = evaluate(model, data.test, protocol, ends=ends)
     val = evaluate(model, data.val, protocol) if len(data.val) else None
@@ -331,13 +371,13 @@ def run_decided_cell(spec: dict) -> str:
     from gdeq_ext import Batch
     from gdeq_ext.datasets.basins import structure_distance
     from gdeq_ext.datasets.relaxations import relax_starts
-    from gdeq_ext.potentials import MLIP, StillingerWeber
+    from gdeq_ext.potentials import StillingerWeber
 
     started = time.perf_counter()
     protocol = spec["protocol"]
     dtype = getattr(torch, protocol["dtype"])
     starts = dataset(protocol).test
-    model = MLIP.load(spec["base"]).to(dtype=dtype, device=spec["device"])
+    model = load_backbone(protocol, spec["base"], spec["device"])
     teacher = StillingerWeber()
     ends = relax_starts(model, starts, fmax=0.01, max_steps=protocol["max_steps"])
 
@@ -423,11 +463,10 @@ def fine_tune(method: Method, base: str, starts, protocol: dict, lr: float, seed
     """Fine-tune a copy of the base MLIP through relaxations of ``starts`` (ase.Atoms with ``arrays["target"]``)
     with :func:`gdeq_ext.train.fit_relaxation`; returns (model, training record). A run that diverges is reported
     (``failed``) and its last good weights returned. ``run_dir``: checkpoints, so an interrupted run resumes."""
-    from gdeq_ext.potentials import MLIP
     from gdeq_ext.train import fit_relaxation
     from gdeq_ext.train.metrics import TrainingStepError
 
-    model = MLIP.load(base).to(dtype=getattr(torch, protocol["dtype"]), device=device)
+    model = load_backbone(protocol, base, device)
     config = training_config(method, protocol, lr, seed, device)
     failed, history, train_time = None, [], 0.0
     try:
@@ -475,14 +514,13 @@ def _history_of(run_dir: str) -> list[dict]:
 def memory_worker(spec: dict) -> dict:
     """Peak memory of one training step of ``spec["method"]`` (run in a fresh process on a CPU)."""
     from gdeq_ext import delta_q
-    from gdeq_ext.potentials import MLIP
     from gdeq_ext.profiling import current_rss_bytes, peak_rss_bytes, reset_peak_rss
     from gdeq_ext.train.config import Config
     from gdeq_ext.train.factories import make_relaxation
 
     protocol, method, device = spec["protocol"], Method(**spec["method"]), spec["device"]
     dtype = getattr(torch, protocol["dtype"])
-    model = MLIP.load(spec["base"]).to(dtype=dtype, device=device)
+    model = load_backbone(protocol, spec["base"], device)
     config = Config.from_dict(training_config(method, protocol, protocol["lrs"][0], 0, device))
     relax = make_relaxation(model, config.relax)
     pairs = pairs_of(dataset(protocol).train[: protocol["batch_size"]], "memory")
@@ -640,6 +678,9 @@ class Study:
         summary["machine"] = info
         label = machine_label(info)
         text = basin_report.markdown(summary, label)
+        if option(self.protocol, "backbone") != "mlip":  # the MLIP study's summary stays as it was
+            summary["backbone"] = option(self.protocol, "backbone")
+            text = f"Backbone: **{summary['backbone']}** (docs/backbones.md).\n\n{text}"
         base = summary.get("base") or {}
         if base.get("diagnosis"):
             text += "\n" + (self.read(self.folder / "cells" / "base.json") or {}).get("diagnosis_report", "") + "\n"
@@ -762,7 +803,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="cells run at once, one process each (default 1)")
     parser.add_argument("--max-cells", type=int, help="stop after this many cells")
     parser.add_argument("--report", help="re-write the summary of this study folder from its cells (no run)")
-    parser.add_argument("--model", help="a saved base MLIP (default: the study's base.pt, fitted if missing)")
+    parser.add_argument("--model", help="a saved base potential of the backbone (default: base.pt, fitted if missing)")
+    parser.add_argument(
+        "--backbone",
+        choices=BACKBONES,
+        default="mlip",
+        help="the potential fine-tuned: mlip (default), mace or transformer (docs/backbones.md)",
+    )
+    parser.add_argument("--base-rattled", type=int, help="protocol: rattled cells of the base fit (96)")
+    parser.add_argument("--base-thermal", type=int, help="protocol: thermal cells of the base fit (48)")
+    parser.add_argument("--base-epochs", type=int, help="protocol: epochs of the base fit (400)")
     parser.add_argument("--methods", nargs="+", help="only methods whose names start with these")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory cells")
     # Spelled out one by one (scripts/gpu_campaign.sh checks the flags it passes by name).
@@ -805,7 +855,13 @@ def main() -> None:
         value = getattr(args, key, None)
         if value is not None:
             protocol[key] = value
-    folder = Path(args.output or OUTPUT / ("basins_full" if full else "basins"))
+    if args.backbone != "mlip":
+        protocol["backbone"] = args.backbone
+    for key in ("base_rattled", "base_thermal", "base_epochs"):
+        if getattr(args, key) is not None:
+            protocol[key] = getattr(args, key)
+    suffix = "" if args.backbone == "mlip" else f"_{args.backbone}"
+    folder = Path(args.output or OUTPUT / (("basins_full" if full else "basins") + suffix))
     info = machine(args.device)
     print(f"basin-selection study in {folder} on {machine_label(info)}", flush=True)
     stored = folder / "protocol.json"
@@ -814,6 +870,11 @@ def main() -> None:
         if not args.resume:
             raise SystemExit(f"{folder} already holds a study: pass --resume to continue it, or another --output")
         changed = {k: (saved["protocol"].get(k), v) for k, v in protocol.items() if saved["protocol"].get(k) != v}
+        # The optional keys in both directions: an MLIP run must not resume a MACE study either.
+        changed.update(
+            {k: (saved["protocol"].get(k), protocol.get(k)) for k in OPTIONAL_KEYS
+             if saved["protocol"].get(k) != protocol.get(k)}
+        )  # fmt: skip
         if changed:
             raise SystemExit(f"{folder}: the protocol differs from the study's ({changed}); use another --output")
         base = _resolve(folder, saved["base"])

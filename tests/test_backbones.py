@@ -383,3 +383,45 @@ def test_transformer_rejects_bad_input_by_name():
     atoms[0].numbers[5] = 6
     with pytest.raises(ValueError, match=r"structure 0: atoms \[5\] have atomic number\(s\) \[6\]"):
         tiny("transformer").energy(Batch.from_ase(atoms, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------ training config
+def test_config_backbone_key_is_checked():
+    from gdeq_ext.train.config import Config, ConfigError
+
+    assert Config().model.backbone == "mlip"
+    assert Config.from_dict({"model": {"backbone": "transformer"}}).model.backbone == "transformer"
+    with pytest.raises(ConfigError, match=r"model.backbone = 'nequip' is not one of \['mlip', 'mace', 'transformer'\]"):
+        Config.from_dict({"model": {"backbone": "nequip"}})
+
+
+@pytest.mark.parametrize("name", ["transformer", pytest.param("mace", marks=needs_mace)])
+def test_command_trains_another_backbone(tmp_path, capsys, name):
+    """``python -m gdeq_ext.train`` with ``model.backbone``: one hybrid step on two SW-relaxed 8-atom starts; the
+    trained model.pt loads with the backbone's class."""
+    from gdeq_ext.data import RelaxationPair, write_relaxation_pairs
+    from gdeq_ext.potentials import StillingerWeber
+    from gdeq_ext.relax import fire
+    from gdeq_ext.train.__main__ import main
+
+    pairs = []
+    for k in range(2):
+        start = bulk("Si", cubic=True)
+        start.rattle(0.1, seed=k)
+        relaxed = fire(StillingerWeber(), Batch.from_ase([start], dtype=torch.float64), fmax=1e-3).positions
+        reference = start.copy()
+        reference.set_positions(relaxed.numpy())
+        pairs.append(RelaxationPair.from_structures(start, reference, frame=k, source="test"))
+    write_relaxation_pairs(tmp_path / "pairs.extxyz", pairs)
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'[data]\ntrain = "pairs.extxyz"\n[model]\nbackbone = "{name}"\n'
+        "[relax]\nwindow = 2\nmax_relax_steps = 100\n[train]\nsteps = 1\nbatch_size = 2\neval_every = 0\n"
+        "eval_train = false\nplot = false\n"
+    )
+    out = tmp_path / "out"
+    assert main([str(config), "--output-dir", str(out), "--no-progress"]) == 0
+    kind = {"transformer": Transformer, "mace": MACEPotential}[name]
+    assert f"GDEQCalculator({kind.__name__}.load(" in capsys.readouterr().out
+    _, batch = _si_cells(1)
+    assert torch.isfinite(kind.load(out / "model.pt").energy(batch)).all()

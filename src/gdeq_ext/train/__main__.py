@@ -45,19 +45,25 @@ def _species(*sets: RelaxationPairs | None) -> tuple[int, ...]:
 def build_model(
     config: Config, context: DistributedContext, species: tuple[int, ...], output_dir: str, resuming: bool
 ) -> torch.nn.Module:
-    """The potential to train: ``model.init`` loaded, or a fresh MLIP; pretrained (rank 0) if configured.
+    """The potential to train (``model.backbone``): ``model.init`` loaded, or a fresh one; pretrained (rank 0) if
+    configured.
 
     Pretraining (force matching to Stillinger-Weber on bulk silicon, :class:`PretrainConfig`) runs only on
     rank 0 and only for a fresh run; ``fit_relaxation`` then broadcasts rank 0's parameters to all ranks. The
     pretrained base is saved as ``output_dir/base.pt``.
     """
-    from gdeq_ext.potentials import MLIP
+    from gdeq_ext.potentials import MLIP, MACEPotential, Transformer, build_mace
 
     spec, dtype = config.model, getattr(torch, config.model.dtype)
+    kind = {"mlip": MLIP, "mace": MACEPotential, "transformer": Transformer}[spec.backbone]
     if spec.init is not None:
         if not os.path.exists(spec.init):
             raise FileNotFoundError(f"model.init: no such file {spec.init}")
-        model = MLIP.load(spec.init)
+        model = kind.load(spec.init)
+    elif spec.backbone == "mace":
+        model = build_mace(species, r_max=spec.cutoff, seed=spec.seed)
+    elif spec.backbone == "transformer":
+        model = Transformer(species, cutoff=spec.cutoff, seed=spec.seed)
     else:
         model = MLIP(
             species=species,
@@ -181,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             if path:
                 print(f"{label:18s} {path}")
         if result.model_path:
+            kind = type(model).__name__
             print(
-                "use it from ASE:   from gdeq_ext import MLIP; from gdeq_ext.ase import GDEQCalculator; "
-                f"atoms.calc = GDEQCalculator(MLIP.load({result.model_path!r}))"
+                f"use it from ASE:   from gdeq_ext import {kind}; from gdeq_ext.ase import GDEQCalculator; "
+                f"atoms.calc = GDEQCalculator({kind}.load({result.model_path!r}))"
             )
     return 0
 

@@ -3,7 +3,7 @@
 A config file has up to six sections; every key is optional except ``data.train`` for the command::
 
     [data]      train, val                                       extxyz files of relaxation pairs
-    [model]     init or the MLIP's hyperparameters, dtype         the potential to train
+    [model]     backbone, init or the MLIP's sizes, dtype         the potential to train
     [pretrain]  rattled, thermal, epochs, lr, ...                 optional force matching to Stillinger-Weber first
     [relax]     mode (bptt / implicit / hybrid), window K, ...    how each structure is relaxed and differentiated
     [optim]     optimizer, lr, schedule, ...                      the parameter update
@@ -44,6 +44,7 @@ SCHEDULES = ("constant", "linear", "cosine", "step", "exponential")
 DTYPES = ("float32", "float64")
 RESUME = ("auto", "always", "never")
 TEACHERS = ("none", "sw")  # train.teacher: who labelled the data (the correct-basin judge quenches with it)
+BACKBONES = ("mlip", "mace", "transformer")  # model.backbone: docs/backbones.md
 
 
 class ConfigError(ValueError):
@@ -66,15 +67,21 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The potential: a saved one (``init``, written by ``MLIP.save``) or a fresh :class:`~gdeq_ext.MLIP`.
+    """The potential: a saved one (``init``, written by the backbone's ``save``) or a fresh one.
 
     Attributes:
-        init: path of a saved potential to start from (default none: a fresh MLIP with the values below).
-        features, channels, n_radial, n_layers, hidden: MLIP sizes (defaults 16, 8, 8, 2, 32: small, for CPUs).
-        cutoff: Å (default 4.0). seed: initial weights (default 0). backend: "fused" or "reference".
+        backbone: "mlip" (default: :class:`~gdeq_ext.MLIP`), "mace" (a small ScaleShiftMACE through
+            :class:`~gdeq_ext.potentials.MACEPotential`, ``build_mace``'s sizes; needs ``pip install "gdeq_ext[mace]"``)
+            or "transformer" (:class:`~gdeq_ext.Transformer` at its default sizes). docs/backbones.md.
+        init: path of a saved potential of that backbone to start from (default none: a fresh one).
+        features, channels, n_radial, n_layers, hidden: MLIP sizes (defaults 16, 8, 8, 2, 32: small, for CPUs);
+            ignored by the other backbones.
+        cutoff: Å (default 4.0; MACE's r_max, the Transformer's attention cutoff). seed: initial weights
+            (default 0). backend: "fused" or "reference" (MLIP only).
         dtype: "float64" (default) or "float32": parameters and structures.
     """
 
+    backbone: str = "mlip"
     init: str | None = None
     features: int = 16
     channels: int = 8
@@ -237,6 +244,7 @@ _CHOICES = {
     ("optim", "schedule"): SCHEDULES,
     ("model", "dtype"): DTYPES,
     ("model", "backend"): ("fused", "reference"),
+    ("model", "backbone"): BACKBONES,
     ("train", "resume"): RESUME,
     ("train", "teacher"): TEACHERS,
     ("train", "device"): ("auto", "cpu", "cuda"),
