@@ -168,3 +168,66 @@ def test_compaction_names_the_original_structure_of_a_nan(kit, sw_like):
     poisoned = NaNAfter(sw_like, calls=5, structure=1)  # structure 1 of the *compacted* batch is the caller's 3
     with pytest.raises(NonFiniteError, match=r"structure 3 at step 5"):
         fire(poisoned, batch, fmax=1e-4, max_steps=200, verlet=VerletList(sw_like.cutoff, 0.5))
+
+
+def test_polish_compaction_solves_only_unfinished_structures_and_changes_no_result(kit, sw_like, monkeypatch):
+    """The Newton polish with compact=True evaluates each round only the structures it still works on (they need
+    different numbers of Newton steps from a loose FIRE end point); every structure's polished point, error
+    estimate, flags and curvature equal the uncompacted polish's to round-off, and the returned forces and
+    neighbor list are the whole batch's."""
+    import importlib
+
+    from gdeq_ext.gradients.implicit_function import ImplicitSolveOptions
+    from gdeq_ext.relax.polish import PolishOptions, polish
+
+    polish_module = importlib.import_module("gdeq_ext.relax.polish")
+    products = []  # structures in each Hessian-vector product
+
+    class CountingOperator(polish_module.HessianOperator):
+        def __init__(self, potential, batch, *args, **kwargs):
+            self.n_work = batch.n_systems
+            super().__init__(potential, batch, *args, **kwargs)
+
+        def __call__(self, v):
+            products.append(self.n_work)
+            return super().__call__(v)
+
+    monkeypatch.setattr(polish_module, "HessianOperator", CountingOperator)
+    cells = [kit.diamond(shear=s, strain=e) for s, e in ((0.0, 0.0), (0.02, 0.0), (0.03, 0.01), (0.08, 0.02))]
+    batch = kit.make_batch(cells, rattle=0.1, seed=11)
+    fmaxes = torch.tensor([1.0, 0.3, 0.01, 1e-4], dtype=torch.float64)  # loose to tight: different Newton steps
+    start = batch.positions.clone()
+    for k in range(batch.n_systems):  # each structure relaxed to its own fmax
+        sub, atoms = batch.select(torch.tensor([k]))
+        start[atoms] = fire(sw_like, sub, fmax=float(fmaxes[k]), max_steps=2000).positions
+    runs = {}
+    for compact in (False, True):
+        counter = CountingForces()
+        products.clear()
+        result = polish(
+            sw_like,
+            batch,
+            start,
+            torch.ones(batch.n_systems, dtype=torch.bool),
+            options=PolishOptions(),
+            solve=ImplicitSolveOptions(),
+            force_fn=counter,
+            verlet=VerletList(sw_like.cutoff, 0.5),
+            compact=compact,
+        )
+        runs[compact] = (counter, sum(products)), result
+    ((plain_count, plain_products), plain), ((packed_count, packed_products), packed) = runs[False], runs[True]
+    assert len(set(plain.newton_steps.tolist())) > 1  # the structures need different numbers of Newton steps
+    assert bool(plain.exact.all()) and bool(plain.minimum.all())
+    for name in ("newton_steps", "exact", "minimum"):
+        assert getattr(packed, name).tolist() == getattr(plain, name).tolist(), name
+    for name in ("positions", "forces", "energy", "fmax", "lowest_curvature"):
+        torch.testing.assert_close(getattr(packed, name), getattr(plain, name), rtol=1e-9, atol=1e-10, msg=name)
+    # the error estimates are the lengths of last Newton steps (~1e-6 Å and below): equal up to round-off in them
+    torch.testing.assert_close(packed.fixed_point_error, plain.fixed_point_error, rtol=1e-4, atol=1e-12)
+    assert packed.edges is not None and int(packed.edges.edge_index.max()) >= batch.n_atoms - 8  # the whole batch's
+    # the products (the polish's cost) run over fewer structures; an operator of its own for a smaller working set
+    # can cost a force evaluation more
+    assert packed_products < plain_products, (packed_products, plain_products)
+    assert packed.hvps == plain.hvps  # as many batched products, each over fewer structures
+    assert packed_count.calls >= plain_count.calls

@@ -139,6 +139,9 @@ def fire(
         if n_active == 0:
             break
         if compact and work.n_systems > 1 and n_active <= work.n_systems // 2:
+            if members is None:  # private whole-batch copies, written in place from now on (one clone, not per step)
+                x, energy, forces, steps = x.clone(), energy.clone(), forces.clone(), steps.clone()
+                f_max, converged = f_max.clone(), converged.clone()
             keep = w_active.nonzero().flatten()
             work, local_atoms = work.select(keep)
             members = keep if members is None else members[keep]
@@ -181,7 +184,6 @@ def fire(
         if members is None:
             x, energy, forces, steps, moving = w_x, w_energy, w_forces, w_steps, w_active
         else:
-            x, energy, forces, steps = x.clone(), energy.clone(), forces.clone(), steps.clone()
             x[atoms], energy[members], forces[atoms], steps[members] = w_x, w_energy, w_forces, w_steps
             moving = torch.zeros_like(active)
             moving[members] = w_active
@@ -193,7 +195,6 @@ def fire(
         if members is None:
             f_max, converged = w_fmax, w_converged
         else:
-            f_max, converged = f_max.clone(), converged.clone()
             f_max[members], converged[members] = w_fmax, w_converged
 
     if members is not None:  # the returned energies, forces and neighbor list are the whole batch's

@@ -111,6 +111,7 @@ class ImplicitRelax:
             force_fn=self.force_fn,
             verlet=verlet,
             step_offset=solved.steps + step_offset,
+            compact=self.fire_options.compact,
         )
         return solved, polished
 

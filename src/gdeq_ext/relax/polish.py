@@ -142,6 +142,7 @@ def polish(
     force_fn: ForceFn,
     verlet: VerletList | None = None,
     step_offset: torch.Tensor | int = 0,
+    compact: bool = True,
 ) -> PolishResult:
     """Newton-polish the ``eligible`` structures of ``batch`` at ``positions`` and check their curvature.
 
@@ -153,6 +154,12 @@ def polish(
             with ``options.newton_rtol``, the default iteration cap and no damping.
         force_fn: the force evaluation; verlet: the relaxation's neighbor list (or None).
         step_offset: relaxation steps taken before (for error messages).
+        compact: evaluate and solve only the structures a Newton round still works on (default True; the
+            relaxation's ``FIREOptions.compact``). Structures need 1-5 Newton steps and each step's CG runs until
+            the slowest structure of its batch converges, so without compaction the finished ones are carried
+            through every later product. Each structure's result is the same either way (a structure's forces,
+            products and solve do not depend on the others in its batch); the curvature check and the returned
+            forces and neighbor list are always the whole batch's.
 
     Raises:
         NonFiniteError: forces became non-finite at a polished point (names the structure).
@@ -169,25 +176,39 @@ def polish(
     hvps = 0
     evaluations = 0
 
-    def operator_at(x: torch.Tensor) -> tuple[HessianOperator, Edges | None]:
+    def working_set(which: torch.Tensor) -> tuple[Batch, torch.Tensor | None, torch.Tensor | None]:
+        """The batch a Newton round evaluates: the structures ``which`` (their atoms' and their own indices in
+        the whole batch), or the whole batch (indices None) without compaction or when all are in it."""
+        if not compact or bool(which.all()):
+            return batch, None, None
+        members = which.nonzero().flatten()
+        work, atoms = batch.select(members)
+        return work, atoms, members
+
+    def operator_at(work: Batch, x_work: torch.Tensor, whole: bool) -> tuple[HessianOperator, Edges | None]:
         nonlocal evaluations
         evaluations += 1
-        edges = edges_for(verlet, batch.with_positions(x))
-        return HessianOperator(potential, batch, x, edges, force_fn, project_rotations=solve.project_rotations), edges
+        # A smaller batch gets a list of its own; the relaxation's list stays the whole batch's.
+        neighbors = verlet if whole or verlet is None else VerletList(verlet.cutoff, verlet.skin, verlet.max_step)
+        edges = edges_for(neighbors, work.with_positions(x_work))
+        op = HessianOperator(potential, work, x_work, edges, force_fn, project_rotations=solve.project_rotations)
+        return op, edges
 
-    def newton_step(op: HessianOperator, forces: torch.Tensor, which: torch.Tensor):
+    def newton_step(op: HessianOperator, work: Batch, forces: torch.Tensor, which: torch.Tensor):
         """δ = H⁻¹F, or (H + μI)⁻¹F with μ > -λ_min where CG meets negative curvature (Levenberg–Marquardt: a
-        descent step towards the minimum, not the saddle). Returns δ, the distance estimate (inf when damped or
-        the solve failed) and which structures were damped."""
+        descent step towards the minimum, not the saddle), for the structures ``which`` of ``work`` (all tensors
+        are ``work``'s). Returns δ, the distance estimate (inf when damped or the solve failed) and which
+        structures were damped."""
         nonlocal hvps
-        rhs = torch.where(per_atom(which, system), forces, 0.0)
-        delta, info = solve_hessian(op, rhs, batch, op.projector, newton)
+        w_system, w_n = work.system, work.n_systems
+        rhs = torch.where(per_atom(which, w_system), forces, 0.0)
+        delta, info = solve_hessian(op, rhs, work, op.projector, newton)
         hvps += info.matvecs
         stalled = ~(info.residual <= 0.5 * info.rhs_norm)
         damped = which & (info.indefinite | stalled)
         if bool(damped.any()):
             lowest, highest, products = extreme_curvatures(
-                op, system, n_systems, x.dtype, project=op.projector, steps=max(options.curvature_steps, 20)
+                op, w_system, w_n, forces.dtype, project=op.projector, steps=max(options.curvature_steps, 20)
             )
             hvps += products
             shift = 2.0 * torch.nan_to_num(-lowest).clamp_min(0.0) + 1e-3 * torch.nan_to_num(highest).abs()
@@ -202,26 +223,47 @@ def polish(
             for _ in range(_MAX_DAMPING_RETRIES):
 
                 def damped_product(v, mu=mu):
-                    return op(v) + per_atom(mu, system) * v
+                    return op(v) + per_atom(mu, w_system) * v
 
-                rhs_damped = torch.where(per_atom(pending, system), forces, 0.0)
-                step, info_damped = solve_hessian(damped_product, rhs_damped, batch, op.projector, newton)
+                rhs_damped = torch.where(per_atom(pending, w_system), forces, 0.0)
+                step, info_damped = solve_hessian(damped_product, rhs_damped, work, op.projector, newton)
                 hvps += info_damped.matvecs
                 done = pending & ~info_damped.indefinite & torch.isfinite(info_damped.residual)
-                damped_delta = torch.where(per_atom(done, system), step, damped_delta)
+                damped_delta = torch.where(per_atom(done, w_system), step, damped_delta)
                 usable |= done
                 pending = pending & ~done & (mu < ceiling)
                 if not bool(pending.any()):
                     break
                 mu = torch.where(pending, torch.minimum(4.0 * mu, ceiling), mu)
-            delta = torch.where(per_atom(damped, system), damped_delta, delta)
-        length = structure_norm(delta, system, n_systems)
+            delta = torch.where(per_atom(damped, w_system), damped_delta, delta)
+        length = structure_norm(delta, w_system, w_n)
         trusted = torch.isfinite(length) & ~stalled & ~info.indefinite
-        delta = torch.where(per_atom(which & torch.isfinite(length), system), delta, 0.0)
+        delta = torch.where(per_atom(which & torch.isfinite(length), w_system), delta, 0.0)
         return delta, torch.where(trusted, length, torch.inf), damped
 
+    def solve_for(which: torch.Tensor, x_now: torch.Tensor, forces_now: torch.Tensor, built=None):
+        """Newton steps of the structures ``which`` at ``x_now`` (whole-batch tensors in and out). ``built``: an
+        operator already at ``x_now`` for (work, atoms, members), reused when it holds exactly ``which``."""
+        work, atoms, members = working_set(which)
+        if built is not None and _same_members(built[2], members, built[0].n_systems, work.n_systems):
+            op = built[3]
+        else:
+            op, _ = operator_at(work, x_now if atoms is None else x_now[atoms], atoms is None)
+        w_forces = forces_now if atoms is None else forces_now[atoms]
+        w_which = which if members is None else torch.ones_like(which[members])
+        w_delta, w_length, w_damped = newton_step(op, work, w_forces, w_which)
+        if members is None:
+            return w_delta, w_length, w_damped
+        delta = torch.zeros_like(x_now)
+        delta[atoms] = w_delta
+        length = torch.full((n_systems,), torch.inf, dtype=x_now.dtype, device=x_now.device)
+        length[members] = w_length
+        damped = torch.zeros_like(which)
+        damped[members] = w_damped
+        return delta, length, damped
+
     x = positions.detach()
-    op, edges = operator_at(x)
+    op, edges = operator_at(batch, x, True)
     forces = op.forces.detach()
     energy = op.energy
     check_finite(forces, batch, step_offset, where="Newton polish")
@@ -231,10 +273,10 @@ def polish(
     accepted = torch.zeros(n_systems, dtype=torch.int64, device=x.device)
     eligible = eligible & (force_norm > 0)  # F = 0 exactly: already the fixed point
     error = torch.where(force_norm == 0, 0.0, error)
-    op_matches_x = True
+    op_matches_x = True  # the last operator built is the whole batch's at x
 
     if options.newton_steps > 0 and bool(eligible.any()):
-        delta, length, damped = newton_step(op, forces, eligible)
+        delta, length, damped = solve_for(eligible, x, forces, built=(batch, None, None, op))
         error = torch.where(eligible, length, error)
         scale = torch.ones_like(error)
         active = eligible & ~(error <= options.newton_tol)
@@ -247,10 +289,19 @@ def polish(
             )
             cap = torch.clamp(options.newton_maxstep / largest.clamp_min(1e-300), max=1.0)
             candidate = torch.where(per_atom(active, system), x + per_atom(scale * cap, system) * delta, x)
-            op, edges = operator_at(candidate)
-            new_forces = op.forces.detach()
-            new_norm = structure_norm(new_forces, system, n_systems)
-            new_fmax = structure_fmax(new_forces, batch)
+            work, atoms, members = working_set(active)
+            op, w_edges = operator_at(work, candidate if atoms is None else candidate[atoms], atoms is None)
+            if atoms is None:
+                new_forces, new_energy, edges = op.forces.detach(), op.energy, w_edges
+                new_norm = structure_norm(new_forces, system, n_systems)
+                new_fmax = structure_fmax(new_forces, batch)
+            else:  # only the active structures were evaluated: the others keep their values (never selected)
+                new_forces = forces.clone()
+                new_forces[atoms] = op.forces.detach()
+                new_energy, new_norm, new_fmax = energy.clone(), force_norm.clone(), force_max.clone()
+                new_energy[members] = op.energy
+                new_norm[members] = structure_norm(op.forces.detach(), work.system, work.n_systems)
+                new_fmax[members] = structure_fmax(op.forces.detach(), work)
             # Keep a Newton step if it lowers the energy (H positive definite there, so δ = H⁻¹F is a descent
             # direction: the line-search criterion) or lowers both ||F|| and fmax (near the minimum, where energy
             # differences drown in round-off); a damped step only if it lowers the energy (it heads downhill, where
@@ -258,19 +309,19 @@ def polish(
             # anharmonic modes: four defect starts of the worked example, λ_min ≈ 0.05 eV/Å², stopped 0.1-0.2 Å
             # short after 24 evaluations; with the energy criterion they reach 1e-5 Å in 7-8 steps.)
             lowers_force = (new_norm < force_norm) & (new_fmax < force_max)
-            lowers_energy = op.energy < energy
+            lowers_energy = new_energy < energy
             better = active & torch.isfinite(new_norm) & (lowers_energy | (~damped & lowers_force))
             worse = active & ~better
             x = torch.where(per_atom(better, system), candidate, x)
             forces = torch.where(per_atom(better, system), new_forces, forces)
-            energy = torch.where(better, op.energy, energy)
+            energy = torch.where(better, new_energy, energy)
             force_norm = torch.where(better, new_norm, force_norm)
             force_max = torch.where(better, new_fmax, force_max)
             accepted += better
-            op_matches_x = not bool(worse.any())
+            op_matches_x = atoms is None and not bool(worse.any())
             scale = torch.where(worse, 0.5 * scale, 1.0)
             if bool(better.any()):
-                step, length, damped_now = newton_step(op, new_forces, better)
+                step, length, damped_now = solve_for(better, x, forces, built=(work, atoms, members, op))
                 delta = torch.where(per_atom(better, system), step, delta)
                 error = torch.where(better, length, error)
                 damped = torch.where(better, damped_now, damped)
@@ -279,8 +330,8 @@ def polish(
     lowest = torch.full((n_systems,), float("nan"), dtype=x.dtype, device=x.device)
     highest = lowest.clone()
     if options.curvature_steps > 0 or not op_matches_x:
-        if not op_matches_x:  # the last operator was built at a rejected candidate of some structure
-            op, edges = operator_at(x)
+        if not op_matches_x:  # the last operator was built at a rejected candidate, or for part of the batch
+            op, edges = operator_at(batch, x, True)
             forces, energy = op.forces.detach(), op.energy
         if options.curvature_steps > 0:
             lowest, highest, products = extreme_curvatures(
@@ -315,3 +366,10 @@ def polish(
         hvps=hvps,
         force_evaluations=evaluations,
     )
+
+
+def _same_members(built: torch.Tensor | None, wanted: torch.Tensor | None, n_built: int, n_wanted: int) -> bool:
+    """Whether two working sets (member indices, None = the whole batch) hold the same structures."""
+    if built is None or wanted is None:
+        return built is None and wanted is None
+    return n_built == n_wanted and bool(torch.equal(built, wanted))
