@@ -15,6 +15,7 @@ from gdeq_ext.hardware import cpu_name
 RESULTS = Path(__file__).resolve().parent / "results"  # the committed copies (README tables link to them)
 # Where a run writes by default: untracked (runs/ is git-ignored), so running a benchmark leaves `git status` clean.
 OUTPUT = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
+README = Path(__file__).resolve().parents[1] / "README.md"  # the tables that `--readme` updates
 
 
 def machine(device: str) -> dict:

@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     OUTPUT,
+    README,
     RESULTS,
     fit_and_save,
     machine,
@@ -59,7 +60,6 @@ CACHE = RESULTS / "cache"
 # Wall time of one 64-site configuration (fresh process: import, warm-up, measured step), AMD EPYC, 2 cores,
 # 2026-12-03 (CI log of the quick sweep: 6.2-7.0 s). For the duration printed up front.
 SECONDS_PER_CONFIGURATION = 6.5
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @dataclass(frozen=True)

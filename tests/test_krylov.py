@@ -179,3 +179,35 @@ def test_zero_right_hand_side_costs_nothing():
     x, info = conjugate_gradient(matvec, b, system, 3, rtol=1e-10)
     assert int(info.iterations[1]) == 0 and bool(info.converged[1])
     assert float(x[ptr[1] : ptr[2]].abs().max()) == 0.0
+
+
+def test_cg_restricted_to_unfinished_structures_gives_the_same_solution_with_fewer_products():
+    """With ``restrict``, once at most 3/4 of the structures still iterate the products are those of the unfinished
+    ones only; every structure's iterations and solution equal the whole-batch solve's (block-diagonal A)."""
+    sizes = [3, 5, 4, 6, 2, 7, 3, 4]
+    blocks, matvec, b, system, ptr = _blocks(5, sizes=sizes)
+    rows, subsets = [], []
+
+    def restrict(members):
+        keep = members.tolist()
+        subsets.append(len(keep))
+        sub_ptr = [0, *torch.tensor([sizes[s] for s in keep]).cumsum(0).tolist()]
+
+        def sub_matvec(v):
+            rows.append(v.shape[0])
+            return torch.cat(
+                [(blocks[s] @ v[sub_ptr[k] : sub_ptr[k + 1]].reshape(-1)).reshape(-1, 3) for k, s in enumerate(keep)]
+            )
+
+        return sub_matvec, lambda v: v
+
+    tolerance = torch.logspace(-12, -4, len(sizes), dtype=torch.float64)  # very different iteration counts
+    x_whole, whole = conjugate_gradient(matvec, b, system, len(sizes), rtol=tolerance)
+    x_packed, packed = conjugate_gradient(matvec, b, system, len(sizes), rtol=tolerance, restrict=restrict)
+    assert len(set(whole.iterations.tolist())) > 3
+    assert packed.iterations.tolist() == whole.iterations.tolist() and packed.matvecs == whole.matvecs
+    torch.testing.assert_close(x_packed, x_whole, rtol=0, atol=1e-12)
+    torch.testing.assert_close(packed.residual, whole.residual, rtol=1e-8, atol=1e-14)
+    assert bool(packed.converged.all())
+    assert subsets[0] <= 6 and all(a > b for a, b in zip(subsets, subsets[1:], strict=False))  # 8 -> <= 6 -> ...
+    assert max(rows) < b.shape[0] and sum(rows) < (whole.matvecs - 1) * b.shape[0]  # fewer rows multiplied

@@ -15,6 +15,7 @@ import torch
 
 from gdeq_ext.data.batch import Batch
 from gdeq_ext.gradients.projection import RigidModeProjector
+from gdeq_ext.neighbors.edges import select_edges
 
 __all__ = ["HessianOperator"]
 
@@ -48,20 +49,62 @@ class HessianOperator:
         project_rotations: bool = True,
         damping: float = 0.0,
     ):
-        with torch.enable_grad():
-            self.x = positions.detach().requires_grad_(True)
-            energy, self.forces = force_fn(potential, batch.with_positions(self.x), edges, create_graph=True)
-        self.energy = energy.detach()
+        self._setup = (potential, batch, positions.detach(), edges, force_fn)
+        self.project_rotations = bool(project_rotations)
+        self._build()
+        self.energy = self._energy
         self.projector = RigidModeProjector(
             positions.detach(), batch.system, batch.n_systems, batch.pbc, rotations=project_rotations
         )
         self.damping = float(damping)
         self.products = 0
 
+    def _build(self) -> None:
+        potential, batch, positions, edges, force_fn = self._setup
+        with torch.enable_grad():
+            self._x = positions.detach().requires_grad_(True)
+            energy, self._forces = force_fn(potential, batch.with_positions(self._x), edges, create_graph=True)
+        self._energy = energy.detach()
+
+    @property
+    def x(self) -> torch.Tensor:
+        if self._forces is None:
+            self._build()
+        return self._x
+
+    @property
+    def forces(self) -> torch.Tensor:
+        if self._forces is None:  # released: the same graph again (same inputs, same bits)
+            self._build()
+        return self._forces
+
+    def release(self) -> None:
+        """Free the graph (it is rebuilt, identically, when a product or ``forces`` is asked for again): while a
+        :meth:`restrict`-ed operator works on a sub-batch, only one graph is held at a time."""
+        self._x = self._forces = None
+
+    def restrict(self, members: torch.Tensor) -> HessianOperator:
+        """The operator of the structures ``members`` ((k,) int64, increasing) alone, at the same positions, with
+        the neighbor list restricted to their atoms (no new neighbor search). A structure's Hessian does not depend
+        on the others in its batch, so its products are the same (to round-off in the summation order)."""
+        potential, batch, positions, edges, force_fn = self._setup
+        sub, atoms = batch.select(members)
+        sub_edges = None if edges is None else select_edges(edges, atoms, batch.n_atoms)
+        return HessianOperator(
+            potential,
+            sub,
+            positions[atoms],
+            sub_edges,
+            force_fn,
+            project_rotations=self.project_rotations,
+            damping=self.damping,
+        )
+
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         """(H + λI) v for v (n_atoms, 3): eV/Å² times the units of v."""
         self.products += 1
         with torch.enable_grad():
-            (jvp,) = torch.autograd.grad(self.forces, self.x, v, retain_graph=True, allow_unused=True)
+            forces = self.forces
+            (jvp,) = torch.autograd.grad(forces, self._x, v, retain_graph=True, allow_unused=True)
         hv = torch.zeros_like(v) if jvp is None else -jvp
         return hv + self.damping * v if self.damping else hv

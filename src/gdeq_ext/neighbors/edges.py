@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Edges"]
+__all__ = ["Edges", "select_edges"]
 
 
 class Edges(NamedTuple):
@@ -18,3 +18,15 @@ class Edges(NamedTuple):
 
     edge_index: torch.Tensor
     shifts: torch.Tensor
+
+
+def select_edges(edges: Edges, atoms: torch.Tensor, n_atoms: int) -> Edges:
+    """The pairs of ``edges`` among ``atoms`` ((k,) int64, increasing indices into a batch of ``n_atoms`` atoms:
+    whole structures, as :meth:`gdeq_ext.Batch.select` returns them), renumbered 0..k-1 in that order. The order
+    of the kept pairs is unchanged (a list sorted by receiver stays sorted); shifts are kept as they are."""
+    new_index = torch.full((n_atoms,), -1, dtype=torch.int64, device=atoms.device)
+    new_index[atoms] = torch.arange(len(atoms), dtype=torch.int64, device=atoms.device)
+    receiver = new_index[edges.edge_index[0]]
+    keep = receiver >= 0
+    sender = new_index[edges.edge_index[1][keep]]
+    return Edges(torch.stack([receiver[keep], sender]), edges.shifts[keep])

@@ -89,12 +89,13 @@ def fire(
         verlet: neighbor list reused across steps (rebuilt when an atom moved > skin/2), or None.
         force_fn: see :mod:`gdeq_ext.relax.forces`.
         step_offset: added to step numbers in error messages (e.g. the window length of a hybrid run).
-        compact: drop finished structures from the batch that is evaluated (default True): whenever at most half
-            of the structures being evaluated are still moving, the rest leave it, so the slowest structure no
-            longer makes every converged one pay a force evaluation per step. Each structure's trajectory is its
-            own either way (FIRE's state is per structure); only the summation order of forces can change, by
-            round-off. One evaluation of the whole batch at the end gives the returned energies, forces and
-            neighbor list.
+        compact: drop finished structures from the batch that is evaluated (default True): at the first step
+            after a structure converged (or hit ``max_steps``) it leaves the evaluated batch, so the slowest
+            structure no longer makes every finished one pay a force evaluation per step (a compaction costs one
+            index selection and a neighbor list for the smaller batch; at most one per finished structure). Each
+            structure's trajectory is its own either way (FIRE's state is per structure); only the summation
+            order of forces can change, by round-off. One evaluation of the whole batch at the end gives the
+            returned energies, forces and neighbor list.
 
     A structure in which some atom ends with no neighbour within the potential's cutoff (it flew off: its
     force is zero because nothing is near it) is not reported as converged: ``separated`` flags it and, with
@@ -138,7 +139,7 @@ def fire(
         n_active = int(w_active.sum())  # the loop's one host sync per step, as before
         if n_active == 0:
             break
-        if compact and work.n_systems > 1 and n_active <= work.n_systems // 2:
+        if compact and n_active < work.n_systems:
             if members is None:  # private whole-batch copies, written in place from now on (one clone, not per step)
                 x, energy, forces, steps = x.clone(), energy.clone(), forces.clone(), steps.clone()
                 f_max, converged = f_max.clone(), converged.clone()

@@ -78,7 +78,7 @@ class FIREOptions:
         max_steps: FIRE steps per structure at most (default 1000); structures that hit it are reported.
         skin: Å, the Verlet skin of our own potentials (default 0.5; 0 rebuilds the list every step).
         parameters: :class:`FIREParameters` (default ASE's dt, dtmax, maxstep, ...).
-        compact: finished structures leave the evaluated batch once at most half of it moves (default True;
+        compact: finished structures leave the evaluated batch at the step after they finish (default True;
             :func:`~gdeq_ext.relax.fire`), and each round of the Newton polish evaluates and solves only the
             structures it still works on (:func:`~gdeq_ext.relax.polish.polish`). Results are the same either way.
     """

@@ -33,7 +33,12 @@ import torch
 from gdeq_ext.data.batch import Batch
 from gdeq_ext.gradients.batched import per_atom, structure_norm
 from gdeq_ext.gradients.hessian import HessianOperator
-from gdeq_ext.gradients.implicit_function import ImplicitSolveOptions, check_positive, solve_hessian
+from gdeq_ext.gradients.implicit_function import (
+    ImplicitSolveOptions,
+    check_positive,
+    compaction_for,
+    solve_hessian,
+)
 from gdeq_ext.gradients.lanczos import extreme_curvatures
 from gdeq_ext.neighbors.verlet import VerletList
 from gdeq_ext.potentials.base import Edges
@@ -172,6 +177,7 @@ def polish(
         # stop the polish.
         project_rotations=solve.project_rotations,
         warn=False,
+        compact=compact,
     )
     hvps = 0
     evaluations = 0
@@ -202,7 +208,7 @@ def polish(
         nonlocal hvps
         w_system, w_n = work.system, work.n_systems
         rhs = torch.where(per_atom(which, w_system), forces, 0.0)
-        delta, info = solve_hessian(op, rhs, work, op.projector, newton)
+        delta, info = solve_hessian(op, rhs, work, op.projector, newton, restrict=compaction_for(op, newton))
         hvps += info.matvecs
         stalled = ~(info.residual <= 0.5 * info.rhs_norm)
         damped = which & (info.indefinite | stalled)
