@@ -113,6 +113,34 @@ def test_values_and_derivatives_match_reference(device, dtype):
     assert_matches(got[2], want[2], dtype, "derivative")
 
 
+def test_several_threads_split_the_atoms_into_chunks_and_agree_with_one():
+    """With 2 threads and 64 atoms the CPU kernels split the atoms into 2 chunks (per-chunk partial sums of grad_W,
+    dW and the sender-indexed du of the one-pass double backward, summed in chunk order); the results match the
+    reference and the single-thread run to round-off, and repeat bit for bit."""
+    atoms = bulk("Si", cubic=True) * (2, 2, 2)
+    atoms.rattle(0.1, seed=5)
+    batch = gdeq_ext.Batch.from_ase([atoms], dtype=torch.float64)
+    edge_index, shifts = gdeq_ext.neighbor_list(batch, 4.6)
+    vectors, _ = edge_vectors_reference(batch.positions, batch.cell, edge_index, shifts, batch.system)
+    gen = torch.Generator().manual_seed(3)
+    u = torch.randn(batch.n_atoms, 16, dtype=torch.float64, generator=gen)
+    weights = torch.randn(8, 16, dtype=torch.float64, generator=gen)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = first_and_second(edge_moments_fused, vectors, edge_index, u, weights)
+        torch.set_num_threads(2)
+        two = first_and_second(edge_moments_fused, vectors, edge_index, u, weights)
+        again = first_and_second(edge_moments_fused, vectors, edge_index, u, weights)
+    finally:
+        torch.set_num_threads(previous)
+    want = first_and_second(edge_moments_reference, vectors, edge_index, u, weights)
+    flat = [[got[0], *got[1], *got[2]] for got in (one, two, again, want)]
+    assert_matches(flat[1], flat[3], torch.float64)
+    assert_matches(flat[1], flat[0], torch.float64)
+    assert all(torch.equal(a, b) for a, b in zip(flat[1], flat[2], strict=True))
+
+
 @pytest.mark.parametrize("device", devices())
 def test_edge_order_does_not_matter(device):
     """Edges in random order (the CPU kernel then counting-sorts them; the GPU kernel just flushes more often)."""

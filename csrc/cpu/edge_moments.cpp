@@ -5,9 +5,11 @@
 // Parallel layout (race-free and deterministic for a given thread count):
 // * outputs indexed by the receiver i (A, dG) come from a pass over atoms, each atom walking its own edges
 //   (CSR by receiver);
-// * outputs indexed by the sender j (grad_u, du) come from a pass over atoms walking the edges they send (CSR by
-//   sender); the same pass writes the per-edge outputs (grad_vectors, dvec) and partial sums of the weight
-//   gradients, one (K, C) block per chunk of atoms, summed in chunk order at the end.
+// * in the backward, outputs indexed by the sender j (grad_u) come from a pass over atoms walking the edges they
+//   send (CSR by sender); the same pass writes the per-edge outputs (grad_vectors) and partial sums of the weight
+//   gradients, one (K, C) block per chunk of atoms, summed in chunk order at the end;
+// * the double backward is one pass over receivers: dG[i] and dvec[e] are owned, du[j] and dW go to per-chunk
+//   blocks summed in chunk order (with one chunk, du is written directly).
 // Neighbor lists are sorted by receiver, so the receiver CSR is usually just offsets (sortedness is checked, an
 // O(E) integer pass); otherwise, and for the sender CSR, a stable counting sort builds an (E,) permutation.
 #include "gdeq_ext/edge_moments.h"
@@ -246,57 +248,32 @@ void backward_kernel(const Problem& p, const EdgeGroups& send, const T* Gt, cons
 //   du[j,c]   += (R'_c ρ + Q_c) s_c + R_c t_c                                                (sender pass)
 //   dW[k,c]   += φ'_k ρ u_jc s_c + φ_k (au_jc s_c + u_jc t_c)
 //   dvec_e     = ∇²F·av + ∇H,  F = Σ_m (Σ_c u_jc R_c G_icm) Y_m,  H = Σ_m (Σ_c (Q_c u_jc + R_c au_jc) G_icm) Y_m
+// One pass over receivers i: each edge's geometry, radial basis and angular terms are computed once and feed every
+// output. dG[i] and dvec[e] are owned by i's chunk; du[j] (indexed by the sender) is written directly with one chunk
+// and into one (N, C) block per chunk otherwise, summed in chunk order (as dW is), so the result is deterministic for
+// a given thread count. With one chunk and a receiver-sorted list, du[j] sums j's edges in increasing edge order, the
+// order of the former two-pass kernel's sender pass.
 template <typename T>
-void double_backward_receivers(const Problem& p, const EdgeGroups& recv, const T* av, const T* au, const T* aW,
-                               const T* vec, const T* u, const T* W, T* dGt) {
-  for_atom_chunks(p.N, chunk_count(p.N), [&](int64_t, int64_t begin, int64_t end) {
-    std::vector<T> phi(p.K), dphi(p.K), R(p.C), R1(p.C), Q(p.C), a_y(p.C), a_dy(p.C);
-    T Y[kMoments], DY[kMoments];
-    for (int64_t i = begin; i < end; ++i) {
-      T* dGti = dGt + i * p.C * kMoments;
-      for (int64_t s = recv.offsets[i]; s < recv.offsets[i + 1]; ++s) {
-        const int64_t e = recv.edge(s);
-        EdgeGeometry<T> g;
-        if (!moments::edge_geometry(vec + 3 * e, p.cutoff, g)) continue;
-        radial_arrays<T>(g, p.cutoff, p.K, phi.data(), dphi.data(), nullptr);
-        moments::angular(g.n, Y);
-        const T rho = moments::angular_derivative(g, av + 3 * e, DY);
-        contract(phi.data(), W, p.K, p.C, R.data());
-        contract(dphi.data(), W, p.K, p.C, R1.data());
-        contract(phi.data(), aW, p.K, p.C, Q.data());
-        const int64_t j = p.ej[e];
-        const T* uj = u + j * p.C;
-        const T* auj = au + j * p.C;
-        for (int64_t c = 0; c < p.C; ++c) {
-          a_y[c] = (R1[c] * rho + Q[c]) * uj[c] + R[c] * auj[c];
-          a_dy[c] = R[c] * uj[c];
-        }
-        accumulate_moments<T>(dGti, p.C, a_y.data(), Y, a_dy.data(), DY);
-      }
-    }
-  });
-}
-
-template <typename T>
-void double_backward_senders(const Problem& p, const EdgeGroups& send, const T* av, const T* au, const T* aW,
-                             const T* Gt, const T* vec, const T* u, const T* W, T* dvec, T* du, T* dW,
-                             bool compute_vectors) {
-  const int64_t n_chunks = chunk_count(p.N), KC = p.K * p.C;
+void double_backward_kernel(const Problem& p, const EdgeGroups& recv, const T* av, const T* au, const T* aW,
+                            const T* Gt, const T* vec, const T* u, const T* W, T* dGt, T* dvec, T* du, T* dW,
+                            bool compute_vectors) {
+  const int64_t n_chunks = chunk_count(p.N), KC = p.K * p.C, NC = p.N * p.C;
   std::vector<T> partial(n_chunks * KC, T(0));
+  std::vector<T> du_partial(n_chunks > 1 ? n_chunks * NC : 0, T(0));
   for_atom_chunks(p.N, n_chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
     std::vector<T> phi(p.K), dphi(p.K), ddphi(p.K), R(p.C), R1(p.C), R2(p.C), Q(p.C), Q1(p.C), qs(p.C), qt(p.C);
-    std::vector<T> a0(p.C), a1(p.C), a2(p.C), h0(p.C), h1(p.C), sc(p.C), tc(p.C);
+    std::vector<T> a0(p.C), a1(p.C), a2(p.C), h0(p.C), h1(p.C), sc(p.C), tc(p.C), a_y(p.C);
     T* dWc = partial.data() + chunk * KC;
+    T* du_out = n_chunks > 1 ? du_partial.data() + chunk * NC : du;
     T Y[kMoments], DY[kMoments], P[5][kMoments];
-    for (int64_t j = begin; j < end; ++j) {
-      const T* uj = u + j * p.C;
-      const T* auj = au + j * p.C;
-      T* duj = du + j * p.C;
-      for (int64_t s = send.offsets[j]; s < send.offsets[j + 1]; ++s) {
-        const int64_t e = send.edge(s);
+    for (int64_t i = begin; i < end; ++i) {
+      T* dGti = dGt + i * p.C * kMoments;
+      const T* Gti = Gt + i * p.C * kMoments;
+      for (int64_t q = recv.offsets[i]; q < recv.offsets[i + 1]; ++q) {
+        const int64_t e = recv.edge(q);
         EdgeGeometry<T> g;
-        if (!moments::edge_geometry(vec + 3 * e, p.cutoff, g)) continue;
-        radial_arrays<T>(g, p.cutoff, p.K, phi.data(), dphi.data(), ddphi.data());
+        if (!moments::edge_geometry(vec + 3 * e, p.cutoff, g)) continue;  // every output of e stays 0
+        radial_arrays<T>(g, p.cutoff, p.K, phi.data(), dphi.data(), compute_vectors ? ddphi.data() : nullptr);
         moments::angular(g.n, Y);
         const T* a = av + 3 * e;
         const T rho = moments::angular_derivative(g, a, DY);
@@ -307,7 +284,17 @@ void double_backward_senders(const Problem& p, const EdgeGroups& send, const T* 
           contract(ddphi.data(), W, p.K, p.C, R2.data());
           contract(dphi.data(), aW, p.K, p.C, Q1.data());
         }
-        const T* Gti = Gt + p.ei[e] * p.C * kMoments;
+        const int64_t j = p.ej[e];
+        const T* uj = u + j * p.C;
+        const T* auj = au + j * p.C;
+        T* duj = du_out + j * p.C;
+        // dG[i] (the JVP of the forward): a_y Y + (R u_j) DY.
+        for (int64_t c = 0; c < p.C; ++c) {
+          a_y[c] = (R1[c] * rho + Q[c]) * uj[c] + R[c] * auj[c];
+          a0[c] = R[c] * uj[c];
+        }
+        accumulate_moments<T>(dGti, p.C, a_y.data(), Y, a0.data(), DY);
+        // du[j], dW.
         channel_dots(Gti, p.C, Y, sc.data());
         channel_dots(Gti, p.C, DY, tc.data());
         for (int64_t c = 0; c < p.C; ++c) {
@@ -315,21 +302,19 @@ void double_backward_senders(const Problem& p, const EdgeGroups& send, const T* 
           qs[c] = rho * uj[c] * sc[c];             // multiplies φ'_k in dW
           qt[c] = auj[c] * sc[c] + uj[c] * tc[c];  // multiplies φ_k in dW
         }
-        if (compute_vectors) {
-          for (int64_t c = 0; c < p.C; ++c) {
-            a0[c] = uj[c] * R[c];  // F's coefficients P, P', P'' (as Σ_c a_c G_ic)
-            a1[c] = uj[c] * R1[c];
-            a2[c] = uj[c] * R2[c];
-            h0[c] = Q[c] * uj[c] + R[c] * auj[c];  // H's coefficients and their r-derivative
-            h1[c] = Q1[c] * uj[c] + R1[c] * auj[c];
-          }
-        }
         for (int64_t k = 0; k < p.K; ++k) {
           const T b = dphi[k], c0 = phi[k];
           T* row = dWc + k * p.C;
           for (int64_t c = 0; c < p.C; ++c) row[c] += b * qs[c] + c0 * qt[c];
         }
         if (!compute_vectors) continue;
+        // dvec[e] = ∇²F·av + ∇H.
+        for (int64_t c = 0; c < p.C; ++c) {
+          a1[c] = uj[c] * R1[c];  // F's coefficients P, P', P'' (as Σ_c a_c G_ic; a0 = u_j R above)
+          a2[c] = uj[c] * R2[c];
+          h0[c] = Q[c] * uj[c] + R[c] * auj[c];  // H's coefficients and their r-derivative
+          h1[c] = Q1[c] * uj[c] + R1[c] * auj[c];
+        }
         project<T, 5>(Gti, p.C, {a0.data(), a1.data(), a2.data(), h0.data(), h1.data()}, P);
         T* out = dvec + 3 * e;
         moments::add_moment_hessian_vector(P[0], P[1], P[2], g, a, out);
@@ -337,6 +322,7 @@ void double_backward_senders(const Problem& p, const EdgeGroups& send, const T* 
       }
     }
   });
+  if (n_chunks > 1) sum_partials(du_partial, n_chunks, NC, du);
   sum_partials(partial, n_chunks, KC, dW);
 }
 
@@ -420,18 +406,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edge_moments_double_b
   const Problem p = problem(edges, uu, W, cutoff);
   if (p.E == 0 || p.C == 0) return {dGt.transpose(1, 2).contiguous(), dvec, du, dW};
   const EdgeGroups recv = group_edges(p.ei, p.E, p.N);
-  const EdgeGroups send = group_edges(p.ej, p.E, p.N);
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "edge_moments_double_backward_cpu", [&] {
-    const auto* pav = av.data_ptr<scalar_t>();
-    const auto* pau = au.data_ptr<scalar_t>();
-    const auto* paW = aW.data_ptr<scalar_t>();
-    const auto* pvec = vec.data_ptr<scalar_t>();
-    const auto* pu = uu.data_ptr<scalar_t>();
-    const auto* pW = W.data_ptr<scalar_t>();
-    double_backward_receivers<scalar_t>(p, recv, pav, pau, paW, pvec, pu, pW, dGt.data_ptr<scalar_t>());
-    double_backward_senders<scalar_t>(p, send, pav, pau, paW, Gt.data_ptr<scalar_t>(), pvec, pu, pW,
-                                      dvec.data_ptr<scalar_t>(), du.data_ptr<scalar_t>(), dW.data_ptr<scalar_t>(),
-                                      compute_vectors);
+    double_backward_kernel<scalar_t>(p, recv, av.data_ptr<scalar_t>(), au.data_ptr<scalar_t>(), aW.data_ptr<scalar_t>(),
+                                     Gt.data_ptr<scalar_t>(), vec.data_ptr<scalar_t>(), uu.data_ptr<scalar_t>(),
+                                     W.data_ptr<scalar_t>(), dGt.data_ptr<scalar_t>(), dvec.data_ptr<scalar_t>(),
+                                     du.data_ptr<scalar_t>(), dW.data_ptr<scalar_t>(), compute_vectors);
   });
   return {dGt.transpose(1, 2).contiguous(), dvec, du, dW};
 }

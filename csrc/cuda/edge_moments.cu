@@ -228,7 +228,7 @@ __global__ void backward_kernel(const T* __restrict__ G, const T* __restrict__ v
 }
 
 // ------------------------------------------------------------------------------------------------ double backward
-// Formulas: see double_backward_receivers / double_backward_senders in csrc/cpu/edge_moments.cpp.
+// Formulas: see double_backward_kernel in csrc/cpu/edge_moments.cpp.
 template <typename T>
 __global__ void double_backward_kernel(const T* __restrict__ av, const T* __restrict__ au, const T* __restrict__ aW,
                                        const T* __restrict__ G, const T* __restrict__ vec,
