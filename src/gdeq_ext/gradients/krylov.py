@@ -186,6 +186,7 @@ def conjugate_gradient(
         beta = torch.where(step, rs_new / torch.where(step, rs, 1.0), 0.0)
         rs = rs_new
         p = torch.where(per_atom(step & ~done, system), r + per_atom(beta, system) * p, 0.0)
+    w_matvec = w_project = None  # a sub-batch operator's graph goes before the whole batch's is used again
     residual = true_residual(matvec, project, b, x, system, n_systems)
     matvecs += 1
     # NaN residuals compare False: a non-finite solve is never "converged".
