@@ -3,6 +3,7 @@ the same model, seconds per training step, and "2 threads or 2 processes" on thi
 
     python benchmarks/throughput.py             # ~8 min on a 2-core CPU (run it on an otherwise idle machine)
     python benchmarks/throughput.py --quick     # ~1 min: 4 starts, 1 repeat (the plumbing, not a measurement)
+    python benchmarks/throughput.py --device cuda   # parts 1-2 on a GPU (the GPU campaign's short form)
 
 Writes runs/benchmarks/throughput.{json,md,png} (untracked) unless ``--output`` says otherwise; ``--readme`` also
 replaces the README's ``bench:throughput`` table.
@@ -76,6 +77,15 @@ from gdeq_ext.train.factories import make_relaxation  # noqa: E402
 
 FMAX, MAX_STEPS, SKIN = 0.01, 3000, 0.5
 BASE = RESULTS / "basins_full" / "base.pt"
+DEVICE = torch.device("cpu")  # --device (set once in main; the worker processes of part 3 are CPU-only)
+PROTOCOL = "full"  # which of the basin study's data sets: "full" (default) or "quick" (--quick)
+
+
+def now() -> float:
+    """perf_counter after the device has finished what was queued (CUDA kernels run asynchronously)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+    return time.perf_counter()
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -83,7 +93,7 @@ def load_starts(split: str, n: int) -> list:
     """The basin study's silicon-defect starts (ase.Atoms with ``arrays["target"]``: the teacher's minimum)."""
     import basins
 
-    data = basins.dataset(basins.FULL)
+    data = basins.dataset(basins.QUICK if PROTOCOL == "quick" else basins.FULL)
     starts = getattr(data, split)
     if len(starts) < n:
         raise SystemExit(f"the study's {split} split has {len(starts)} starts, {n} were asked for")
@@ -91,7 +101,7 @@ def load_starts(split: str, n: int) -> list:
 
 
 def load_model(path: str, dtype: torch.dtype) -> MLIP:
-    return MLIP.load(path).to(dtype)
+    return MLIP.load(path).to(device=DEVICE, dtype=dtype)
 
 
 class CountingForces:
@@ -109,10 +119,10 @@ class CountingForces:
 # --------------------------------------------------------------------------------------- part 1: FIRE
 def gdeq_fire(model, batch: Batch, compact: bool) -> dict:
     counter = CountingForces()
-    started = time.perf_counter()
+    started = now()
     out = fire(model, batch, fmax=FMAX, max_steps=MAX_STEPS, verlet=VerletList(model.cutoff, SKIN), force_fn=counter,
                compact=compact, warn=False)  # fmt: skip
-    seconds = time.perf_counter() - started
+    seconds = now() - started
     return dict(seconds=seconds, evaluations=counter.structures, calls=counter.calls, steps=out.steps.tolist(),
                 converged=int(out.converged.sum()), energy=out.energy.tolist(), positions=out.positions)  # fmt: skip
 
@@ -129,7 +139,7 @@ def torch_sim_model_class():
         def __init__(self, potential, dtype: torch.dtype):
             super().__init__()
             self.potential = potential
-            self._device, self._dtype = torch.device("cpu"), dtype
+            self._device, self._dtype = DEVICE, dtype
             self._compute_forces, self._compute_stress = True, False
             self.verlet = VerletList(potential.cutoff, SKIN)
             self.calls = self.structures = 0
@@ -162,16 +172,16 @@ def torch_sim_fire(model, starts, dtype: torch.dtype) -> dict:
     import torch_sim as ts
 
     wrapped = torch_sim_model_class()(model, dtype)
-    state = ts.initialize_state(starts, torch.device("cpu"), dtype)
+    state = ts.initialize_state(starts, DEVICE, dtype)
     converged = ts.runners.generate_force_convergence_fn(force_tol=FMAX, include_cell_forces=False)
-    started = time.perf_counter()
+    started = now()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         final = ts.optimize(state, wrapped, optimizer=ts.optimizers.fire, convergence_fn=converged,
                             autobatcher=False, max_steps=MAX_STEPS, steps_between_swaps=5)  # fmt: skip
-    seconds = time.perf_counter() - started
+    seconds = now() - started
     out = wrapped(final)
-    fmax = torch.zeros(final.n_systems, dtype=dtype).scatter_reduce(
+    fmax = torch.zeros(final.n_systems, dtype=dtype, device=DEVICE).scatter_reduce(
         0, final.system_idx, out["forces"].norm(dim=1), "amax"
     )
     return dict(seconds=seconds, evaluations=wrapped.structures, calls=wrapped.calls,
@@ -184,8 +194,8 @@ def check_wrapper(model, starts, dtype) -> float:
     import torch_sim as ts
 
     wrapped = torch_sim_model_class()(model, dtype)
-    theirs = wrapped(ts.initialize_state(starts, torch.device("cpu"), dtype))
-    batch = Batch.from_ase(starts, dtype=dtype)
+    theirs = wrapped(ts.initialize_state(starts, DEVICE, dtype))
+    batch = Batch.from_ase(starts, dtype=dtype, device=DEVICE)
     energy, forces = energy_forces(model, batch, Edges(*_neighbors(batch, model.cutoff)))
     return max(float((theirs["energy"] - energy).abs().max()), float((theirs["forces"] - forces).abs().max()))
 
@@ -197,7 +207,7 @@ def _neighbors(batch, cutoff):
 
 
 def part_fire(model, starts, dtype, repeats: int) -> dict:
-    batch = Batch.from_ase(starts, dtype=dtype)
+    batch = Batch.from_ase(starts, dtype=dtype, device=DEVICE)
     reason = torch_sim_available()
     variants = ["gdeq, compaction off", "gdeq, compaction on"] + ([] if reason else ["torch-sim optimize (FIRE)"])
 
@@ -240,18 +250,18 @@ def part_fire(model, starts, dtype, repeats: int) -> dict:
 # ------------------------------------------------------------------------------------ part 2: training step
 def training_step(model, relaxation, batch, targets) -> tuple[float, list[torch.Tensor], dict]:
     model.zero_grad(set_to_none=True)
-    started = time.perf_counter()
+    started = now()
     result = relaxation(batch)
     loss = delta_q(result.positions, targets, result.batch).mean()
     loss.backward()
-    seconds = time.perf_counter() - started
+    seconds = now() - started
     grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
     return seconds, grads, dict(steps=result.steps.tolist(), converged=int(result.converged.sum()))
 
 
 def part_training(model_path, starts, dtype, repeats: int) -> dict:
-    batch = Batch.from_ase(starts, dtype=dtype)
-    targets = torch.cat([torch.as_tensor(a.arrays["target"], dtype=dtype) for a in starts])
+    batch = Batch.from_ase(starts, dtype=dtype, device=DEVICE)
+    targets = torch.cat([torch.as_tensor(a.arrays["target"], dtype=dtype) for a in starts]).to(DEVICE)
     model = load_model(model_path, dtype)
     study = dict(fmax=FMAX, alpha=0.03, max_relax_steps=MAX_STEPS, newton_steps=24, on_invalid="skip")
     hybrid = make_relaxation(model, RelaxConfig(mode="hybrid", window=10, **study))
@@ -295,6 +305,8 @@ def _worker_relax(starts) -> float:
 
 
 def part_cores(model_path, starts, dtype, repeats: int) -> dict:
+    if DEVICE.type != "cpu":
+        return dict(rows={}, skipped="a CPU question (processes and threads of one machine): not run on a GPU")
     model = load_model(model_path, dtype)
     batch = Batch.from_ase(starts, dtype=dtype)
     halves = [starts[0::2], starts[1::2]]
@@ -349,7 +361,7 @@ def render(results: dict, info: dict, args) -> tuple[str, str]:
         ratio = f"{off / row['seconds']:.2f}x" if name.startswith("hybrid") else "—"
         table.append([f"training step, {args.train_starts} starts: {name}", f"{row['seconds']:.2f} s", "—", "—", ratio])
     cores = results["cores"]["rows"]
-    single = cores["1 process × 1 thread"]["seconds"]
+    single = cores["1 process × 1 thread"]["seconds"] if cores else None
     for name, row in cores.items():
         rate, ratio = f"{row['structures_per_s']:.2f} structures/s", f"{single / row['seconds']:.2f}x"
         table.append([f"batched FIRE (compaction on): {name}", f"{row['seconds']:.2f} s", rate, "—", ratio])
@@ -376,6 +388,8 @@ def render(results: dict, info: dict, args) -> tuple[str, str]:
         f"Speed-ups: FIRE and the hybrid step against compaction off (the code before issue #15), the two-core rows "
         f"against 1 process × 1 thread.{ts_line}"
     )
+    if results["cores"].get("skipped"):
+        summary += f" Two cores: {results['cores']['skipped']}."
     readme = summary + "\n\n" + markdown_table(header, table)
     return (
         "# Relaxation throughput (`benchmarks/throughput.py`)\n\n"
@@ -409,11 +423,14 @@ def plot(results: dict, path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="4 starts, 1 repeat: checks the plumbing only")
+    parser.add_argument(
+        "--quick", action="store_true", help="4 starts of the quick study's data set, 1 repeat: the plumbing only"
+    )
     parser.add_argument("--starts", type=int, default=16, help="structures in the batched FIRE (default 16)")
     parser.add_argument("--train-starts", type=int, default=8, help="starts per training step (default 8)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: part 3 (two cores) runs on a CPU only")
     parser.add_argument("--model", default=str(BASE))
     parser.add_argument("--output", default=str(OUTPUT / "throughput"), help="path stem of the .json/.md/.png")
     parser.add_argument("--readme", action="store_true", help="replace the README's bench:throughput table")
@@ -423,7 +440,9 @@ def main() -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dtype = getattr(torch, args.dtype)
-    info = machine("cpu")
+    global DEVICE, PROTOCOL
+    DEVICE, PROTOCOL = torch.device(args.device), "quick" if args.quick else "full"
+    info = machine(args.device)
     model = load_model(args.model, dtype)
     started = time.perf_counter()
     results = {"fire": part_fire(model, load_starts("val", args.starts), dtype, args.repeats)}

@@ -23,7 +23,7 @@ set -uo pipefail   # no -e: a failing step is recorded and the campaign goes on
 
 SELF=$(readlink -f "$0")
 REPO=$(cd "$(dirname "$SELF")/.." && pwd)
-STEPS=(env wheels build pytest memcheck racecheck kernels neighbors memory nccl memory_t800 basins goals collect)
+STEPS=(env wheels build pytest memcheck racecheck kernels neighbors memory nccl throughput memory_t800 basins goals collect)
 
 # The reduced basin run (shared by --prepare, which caches its data set, and the basins step).
 BASIN_DATA=(--n-train 8 --n-val 0 --n-test 16 --sizes 64 --data-seed 0)
@@ -229,6 +229,16 @@ memory_run() {  # OUTPUT_NAME LENGTHS...
     --output "$R/$name"
 }
 step_memory() { memory_run memory_gpu 100 200; }
+
+step_throughput() {  # batched FIRE with compaction off / on (and torch-sim where installed), hybrid and BPTT steps
+  gpu_or_dry
+  cd "$REPO" || return 1
+  if [[ $DRY == 1 ]]; then
+    "$PY" -P benchmarks/throughput.py --quick --device cpu --output "$R/throughput_gpu"
+  else  # the study's 16 validation starts (the carried cache), float64; the two-cores part is CPU-only
+    "$PY" -P benchmarks/throughput.py --device cuda --repeats 2 --output "$R/throughput_gpu"
+  fi
+}
 step_memory_t800() { memory_run memory_gpu_t800 800; }
 
 step_nccl() {
@@ -499,7 +509,7 @@ if ((!DRY && !HAVE_CUDA)); then say "no CUDA device visible: the GPU steps are s
 run_step wheels 60 10
 run_step build 300 60
 if [[ ${RESULT[build]} == FAILED || ${RESULT[build]} == TIMEOUT ]]; then
-  for name in pytest memcheck racecheck kernels neighbors memory nccl memory_t800 basins; do
+  for name in pytest memcheck racecheck kernels neighbors memory nccl throughput memory_t800 basins; do
     record "$name" SKIPPED 0 "the build ${RESULT[build],,}: no CUDA kernels installed"
   done
 else
@@ -510,6 +520,7 @@ else
   run_step neighbors 75 20
   run_step memory 90 30
   run_step nccl 75 30
+  run_step throughput 60 20
   run_step memory_t800 180 60
   run_step basins 600 60
 fi

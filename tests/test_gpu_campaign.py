@@ -18,7 +18,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 STATUS = re.compile(r"^\[campaign\] step (\w+): (ok|FAILED \d+|TIMEOUT|SKIPPED .+) \((\d+) s\)$")
-STEPS = "env wheels build pytest memcheck racecheck kernels neighbors memory nccl memory_t800 basins goals collect"
+STEPS = (
+    "env wheels build pytest memcheck racecheck kernels neighbors memory nccl throughput memory_t800 basins goals "
+    "collect"
+)
 
 
 def gpu_goals():
@@ -114,7 +117,7 @@ def test_dry_run_leaves_one_archive_and_a_status_line_per_step(tmp_path):
         assert STATUS.match(line), line
     status = {STATUS.match(line)[1]: STATUS.match(line)[2] for line in lines}
     assert list(status) == STEPS.split()
-    for step in ("env", "pytest", "kernels", "neighbors", "nccl", "goals", "collect"):
+    for step in ("env", "pytest", "kernels", "neighbors", "nccl", "throughput", "goals", "collect"):
         assert status[step] == "ok", (step, status[step])
     for step in ("build", "memcheck", "racecheck", "memory", "memory_t800", "basins"):
         assert status[step].startswith("SKIPPED dry run"), (step, status[step])
@@ -128,6 +131,7 @@ def test_dry_run_leaves_one_archive_and_a_status_line_per_step(tmp_path):
         "DRY_RUN",
         "kernels_gpu.json",
         "neighbors_gpu.json",
+        "throughput_gpu.json",
         "goals.md",
         "junit/pytest_cuda.xml",
         "nccl/collectives.json",
