@@ -144,6 +144,13 @@ def test_basins_benchmark_tiny_end_to_end(tmp_path):
     fresh = subprocess.run(command, capture_output=True, text=True, env=env)
     assert fresh.returncode != 0 and "--resume" in fresh.stderr
 
+    analysis = subprocess.run([sys.executable, str(script.with_name("basin_analysis.py")), "--study", str(output)],
+                              capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert analysis.returncode == 0, analysis.stderr[-3000:]
+    text = (output / "analysis.md").read_text()
+    assert all(f"## {k}." in text for k in range(1, 6)) and "implicit" in text
+    assert json.loads((output / "analysis.json").read_text())["seeds"]["implicit"] == [0, 1]
+
 
 def test_basins_cell_locks_ignore_dead_processes(tmp_path):
     """A cell being run by a live process is skipped by another study process; a dead process's lock is not."""
