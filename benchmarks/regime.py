@@ -6,6 +6,11 @@
 Systems (teacher → student):
 
 * **silicon defects** — Stillinger-Weber → the basin study's committed bulk-fitted base MLIP (64-site cells);
+* **silicon defects, in-domain base** — the same starts, a base fitted to the bulk data *and* to defect
+  configurations along SW's relaxation paths of other starts (the announcement's "strong, in-domain base" row:
+  condition 3 should fail);
+* **silicon defects, 216-site cells** — the bulk-fitted base on 216-site cells (the "long relaxation" row:
+  condition 4 should fail when K = 10 is under a tenth of the relaxation);
 * **Cu (EMT)** — ASE's EMT → an MLIP(species=(29,)) fitted by force matching to EMT on rattled bulk fcc cells and
   rattled clean fcc(111) slabs (no adatom, no vacancy). Starts: a Cu adatom dropped 2 Å above a 3×3×3 fcc(111)
   slab at a random lateral position (fcc vs hcp hollow), and a vacancy in a 32-atom fcc cell with its 12 neighbours
@@ -145,6 +150,39 @@ def fit_base(name: str, species: int, cutoff: float, structures, calculator, arg
     )
 
 
+def silicon_in_domain_base(args) -> str:
+    """A strong, in-domain silicon base (the regime map's negative row for condition 3): the basin study's bulk
+    recipe (rattled, strained and thermal diamond cells, labelled by SW) plus defect configurations along SW's own
+    relaxation paths — start, 1/3, 2/3 and the minimum of 48 defect starts of another data seed than the test and
+    fine-tuning starts — so the student has seen the defect basins it will be asked to pick. Cached."""
+    from gdeq_ext.ase import GDEQCalculator
+    from gdeq_ext.train import fit_forces, silicon_dataset
+    from gdeq_ext.train.state import seed_everything
+
+    path = CACHE / f"regime_base_si_in_domain_{'quick' if args.quick else 'full'}_{args.dtype}.pt"
+    if path.exists():
+        return str(path)
+    seed_everything(0)
+    teacher = StillingerWeber()
+    data = silicon_dataset(96, 48, repeat=(2, 2, 2), potential=teacher, amplitudes=(0.05, 0.1, 0.2, 0.3),
+                           strain=0.04, temperatures=(600.0, 1500.0, 2500.0))  # fmt: skip
+    paths = silicon_defects(n_train=48, n_val=0, n_test=0, sizes=(64,), seed=args.data_seed + 1000, cache=str(CACHE))
+    frames = []
+    for atoms in paths.train:
+        for t in (0.0, 1 / 3, 2 / 3, 1.0):
+            frame = atoms.copy()
+            frame.set_positions((1 - t) * atoms.get_positions() + t * atoms.arrays["target"])
+            frames.append(frame)
+    data = list(data) + labelled(frames, GDEQCalculator(teacher))
+    print(f"fitting the in-domain silicon base MLIP on {len(data)} structures ...", flush=True)
+    model = MLIP().to(getattr(torch, args.dtype))
+    result = fit_forces(model, data, epochs=400, patience=60, progress=False, seed=0)
+    print("  " + result.summary(), flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return str(path)
+
+
 def rattled(make, n, amplitudes, seed_name):
     out = []
     for k in range(n):
@@ -173,6 +211,32 @@ def systems(args) -> list[dict]:
             base=args.silicon_model or str(RESULTS / "basins_full" / "base.pt"),
             tolerance=0.005,
             student="MLIP fitted to SW forces on bulk cells (benchmarks/basins.py)",
+        )
+    )
+    # The announcement's two negative rows, by analogy on the same teacher: a strong, in-domain base (condition 3
+    # should fail: it rarely picks a wrong basin) and long relaxations (condition 4 should fail: K = 10 is a small
+    # part of a 216-site cell's relaxation).
+    out.append(
+        dict(
+            name="silicon defects, in-domain base (SW)",
+            train=data.train,
+            test=data.test,
+            teacher=StillingerWeber(),
+            base=silicon_in_domain_base(args),
+            tolerance=0.005,
+            student="MLIP fitted to SW on the bulk cells plus defect configurations along SW relaxation paths",
+        )
+    )
+    big = silicon_defects(n_train=n_train, n_val=0, n_test=n_test, sizes=(216,), seed=args.data_seed, cache=str(CACHE))
+    out.append(
+        dict(
+            name="silicon defects, 216-site cells (SW)",
+            train=big.train,
+            test=big.test,
+            teacher=StillingerWeber(),
+            base=out[0]["base"],
+            tolerance=0.005,
+            student="the bulk-fitted base of the first row, on 216-site cells (longer relaxations)",
         )
     )
     # Cu (EMT)
