@@ -231,6 +231,23 @@ def pairs_of(starts, source: str):
     return RelaxationPairs(pairs, source=source)
 
 
+def bulk_silicon_data(rattled: int, thermal: int) -> list:
+    """The base potential's force-matching data: ``rattled`` rattled (0.05-0.3 Å) and strained (±4 %) 64-atom
+    diamond cells and ``thermal`` Langevin-MD snapshots at 600-2500 K, labelled by SW (call after seeding)."""
+    from gdeq_ext.potentials import StillingerWeber
+    from gdeq_ext.train import silicon_dataset
+
+    return silicon_dataset(
+        rattled,
+        thermal,
+        repeat=(2, 2, 2),
+        potential=StillingerWeber(),
+        amplitudes=(0.05, 0.1, 0.2, 0.3),
+        strain=0.04,
+        temperatures=(600.0, 1500.0, 2500.0),
+    )
+
+
 def base_model(protocol: dict, folder: Path, model: str | None) -> str:
     """The base MLIP: force matching on bulk diamond cells only (rattled up to 0.3 Å, ±4 % strain, Langevin MD at
     600-2500 K), labelled by SW, a fixed number of epochs with early stopping on a fixed validation split (no
@@ -241,8 +258,7 @@ def base_model(protocol: dict, folder: Path, model: str | None) -> str:
     path = folder / "base.pt"
     if path.exists():
         return str(path)
-    from gdeq_ext.potentials import StillingerWeber
-    from gdeq_ext.train import fit_forces, silicon_dataset
+    from gdeq_ext.train import fit_forces
     from gdeq_ext.train.state import seed_everything
 
     rattled, thermal, epochs = (option(protocol, k) for k in ("base_rattled", "base_thermal", "base_epochs"))
@@ -250,15 +266,7 @@ def base_model(protocol: dict, folder: Path, model: str | None) -> str:
     print(f"fitting the base {name} ({rattled} rattled + {thermal} thermal bulk cells, {epochs} epochs) -> {path} ...",
           flush=True)  # fmt: skip
     seed_everything(0)
-    data = silicon_dataset(
-        rattled,
-        thermal,
-        repeat=(2, 2, 2),
-        potential=StillingerWeber(),
-        amplitudes=(0.05, 0.1, 0.2, 0.3),
-        strain=0.04,
-        temperatures=(600.0, 1500.0, 2500.0),
-    )
+    data = bulk_silicon_data(rattled, thermal)
     base = new_backbone(protocol).to(getattr(torch, protocol["dtype"]))
     result = fit_forces(base, data, epochs=epochs, patience=60, progress=False, seed=0)
     print("  " + result.summary(), flush=True)

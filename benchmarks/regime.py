@@ -40,7 +40,7 @@ import torch
 from ase import Atoms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from basins import QUICK, Method, evaluate, fine_tune  # noqa: E402
+from basins import QUICK, Method, bulk_silicon_data, evaluate, fine_tune  # noqa: E402
 from common import OUTPUT, RESULTS, fit_and_save, machine, machine_label, markdown_table, write_json  # noqa: E402
 
 from gdeq_ext import diagnose, silicon_defects  # noqa: E402
@@ -156,7 +156,7 @@ def silicon_in_domain_base(args) -> str:
     relaxation paths — start, 1/3, 2/3 and the minimum of 48 defect starts of another data seed than the test and
     fine-tuning starts — so the student has seen the defect basins it will be asked to pick. Cached."""
     from gdeq_ext.ase import GDEQCalculator
-    from gdeq_ext.train import fit_forces, silicon_dataset
+    from gdeq_ext.train import fit_forces
     from gdeq_ext.train.state import seed_everything
 
     path = CACHE / f"regime_base_si_in_domain_{'quick' if args.quick else 'full'}_{args.dtype}.pt"
@@ -164,8 +164,7 @@ def silicon_in_domain_base(args) -> str:
         return str(path)
     seed_everything(0)
     teacher = StillingerWeber()
-    data = silicon_dataset(96, 48, repeat=(2, 2, 2), potential=teacher, amplitudes=(0.05, 0.1, 0.2, 0.3),
-                           strain=0.04, temperatures=(600.0, 1500.0, 2500.0))  # fmt: skip
+    data = bulk_silicon_data(96, 48)  # the study's base recipe (basins.py), the same 144 cells
     paths = silicon_defects(n_train=48, n_val=0, n_test=0, sizes=(64,), seed=args.data_seed + 1000, cache=str(CACHE))
     frames = []
     for atoms in paths.train:
@@ -200,45 +199,24 @@ def systems(args) -> list[dict]:
 
     n_train, n_test = args.n_train, args.n_test
     out = []
+
+    def silicon(name, data, base, student):
+        return dict(name=name, train=data.train, test=data.test, teacher=StillingerWeber(), base=base,
+                    tolerance=0.005, student=student)  # fmt: skip
+
     # silicon: the basins.py base and data set
     data = silicon_defects(n_train=n_train, n_val=0, n_test=n_test, sizes=(64,), seed=args.data_seed, cache=str(CACHE))
-    out.append(
-        dict(
-            name="silicon defects (SW)",
-            train=data.train,
-            test=data.test,
-            teacher=StillingerWeber(),
-            base=args.silicon_model or str(RESULTS / "basins_full" / "base.pt"),
-            tolerance=0.005,
-            student="MLIP fitted to SW forces on bulk cells (benchmarks/basins.py)",
-        )
-    )
+    bulk_base = args.silicon_model or str(RESULTS / "basins_full" / "base.pt")
+    out.append(silicon("silicon defects (SW)", data, bulk_base,
+                       "MLIP fitted to SW forces on bulk cells (benchmarks/basins.py)"))  # fmt: skip
     # The announcement's two negative rows, by analogy on the same teacher: a strong, in-domain base (condition 3
     # should fail: it rarely picks a wrong basin) and long relaxations (condition 4 should fail: K = 10 is a small
     # part of a 216-site cell's relaxation).
-    out.append(
-        dict(
-            name="silicon defects, in-domain base (SW)",
-            train=data.train,
-            test=data.test,
-            teacher=StillingerWeber(),
-            base=silicon_in_domain_base(args),
-            tolerance=0.005,
-            student="MLIP fitted to SW on the bulk cells plus defect configurations along SW relaxation paths",
-        )
-    )
+    in_domain = "MLIP fitted to SW on the bulk cells plus defect configurations along SW relaxation paths"
+    out.append(silicon("silicon defects, in-domain base (SW)", data, silicon_in_domain_base(args), in_domain))
     big = silicon_defects(n_train=n_train, n_val=0, n_test=n_test, sizes=(216,), seed=args.data_seed, cache=str(CACHE))
-    out.append(
-        dict(
-            name="silicon defects, 216-site cells (SW)",
-            train=big.train,
-            test=big.test,
-            teacher=StillingerWeber(),
-            base=out[0]["base"],
-            tolerance=0.005,
-            student="the bulk-fitted base of the first row, on 216-site cells (longer relaxations)",
-        )
-    )
+    out.append(silicon("silicon defects, 216-site cells (SW)", big, bulk_base,
+                       "the bulk-fitted base of the first row, on 216-site cells (longer relaxations)"))  # fmt: skip
     # Cu (EMT)
     emt = EMT()
     half = n_test // 2

@@ -68,7 +68,7 @@ from common import (  # noqa: E402
 
 from gdeq_ext import Batch  # noqa: E402
 from gdeq_ext.loss import delta_q  # noqa: E402
-from gdeq_ext.neighbors import VerletList  # noqa: E402
+from gdeq_ext.neighbors import VerletList, neighbor_list  # noqa: E402
 from gdeq_ext.potentials import MLIP  # noqa: E402
 from gdeq_ext.potentials.base import Edges, energy_forces  # noqa: E402
 from gdeq_ext.relax import fire  # noqa: E402
@@ -196,14 +196,8 @@ def check_wrapper(model, starts, dtype) -> float:
     wrapped = torch_sim_model_class()(model, dtype)
     theirs = wrapped(ts.initialize_state(starts, DEVICE, dtype))
     batch = Batch.from_ase(starts, dtype=dtype, device=DEVICE)
-    energy, forces = energy_forces(model, batch, Edges(*_neighbors(batch, model.cutoff)))
+    energy, forces = energy_forces(model, batch, Edges(*neighbor_list(batch, model.cutoff)))
     return max(float((theirs["energy"] - energy).abs().max()), float((theirs["forces"] - forces).abs().max()))
-
-
-def _neighbors(batch, cutoff):
-    from gdeq_ext.neighbors import neighbor_list
-
-    return neighbor_list(batch, cutoff)
 
 
 def part_fire(model, starts, dtype, repeats: int) -> dict:
